@@ -1,0 +1,1 @@
+"""gpt2fast: a fast, clean GPT-2 for PyTorch."""

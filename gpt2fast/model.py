@@ -1,0 +1,209 @@
+"""GPT-2 in one file: embeddings, pre-LN blocks, causal self-attention, GELU MLP, tied LM head.
+
+Every hot path goes through `gpt2fast.ops`, which picks the backend; the model never branches on one.
+The residual add is fused into the LayerNorm that follows it (llm.c's layout): each LayerNorm takes
+the sub-layer output not yet added to the residual stream and returns (normed, new stream).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .config import GPT2Config
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values [n_layer, B, H, capacity, D] and the valid length of each sequence."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    lengths: torch.Tensor  # [B] int64
+    filled: int = 0  # host-side upper bound of lengths, so capacity checks need no device sync
+
+    @classmethod
+    def allocate(cls, config: GPT2Config, batch: int, capacity: int, dtype, device) -> "KVCache":
+        if capacity > config.n_positions:
+            raise ValueError(f"KV cache capacity {capacity} exceeds n_positions = {config.n_positions}")
+        shape = (config.n_layer, batch, config.n_head, capacity, config.head_dim)
+        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width))
+        self.eps = eps
+
+    def forward(self, x, residual=None):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config, layer: int):
+        super().__init__()
+        self.n_head, self.layer = config.n_head, layer
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if cache is None:
+            y = ops.causal_attention(q, k, v)
+        elif cache.filled == 0:  # prefill: the prompt attends to itself; its keys and values seed the cache
+            cache.k[self.layer, :, :, :T] = k
+            cache.v[self.layer, :, :, :T] = v
+            y = ops.causal_attention(q, k, v)
+        else:
+            k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
+            rows = torch.arange(B, device=x.device)[:, None]
+            positions = cache.lengths[:, None] + torch.arange(T, device=x.device)  # [B, T]
+            k_cache[rows, :, positions] = k.transpose(1, 2)
+            v_cache[rows, :, positions] = v.transpose(1, 2)
+            y = ops.decode_attention(q, k_cache, v_cache, cache.lengths + T)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width)
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
+
+    def forward(self, x):
+        return ops.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer: int):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, y, h, cache=None):
+        """y: the previous sub-layer's output, still to be added to the residual stream h (None at the start)."""
+        if h is None:
+            a, h = self.ln_1(y), y
+        else:
+            a, h = self.ln_1(y, residual=h)
+        a, h = self.ln_2(self.drop(self.attn(a, cache)), residual=h)
+        return self.drop(self.mlp(a)), h
+
+
+class GPT2(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02), the residual projections scaled by 1/sqrt(2 * n_layer)."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif name.startswith("ln_f") or ".ln_" in name:
+                nn.init.ones_(p)
+            else:
+                std = 0.02 / (2 * self.config.n_layer) ** 0.5 if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids are on {input_ids.device} but the model is on {self.device}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                input_lengths: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with last_only) for input_ids [B, T].
+
+        With a cache, the tokens are appended to each sequence at its current length; input_lengths [B]
+        says how many of the T tokens are real in each row (right padding; default all T), and
+        last_only returns the logits of each row's last real token.
+        """
+        self.check_input_ids(input_ids)
+        return self._forward(input_ids, cache, input_lengths, last_only)
+
+    def _forward(self, input_ids, cache=None, input_lengths=None, last_only=False):
+        B, T = input_ids.shape
+        start = 0 if cache is None else cache.filled
+        if start + T > self.config.n_positions:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context, "
+                             f"n_positions = {self.config.n_positions}")
+        if cache is not None and start + T > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} positions, {start + T} needed")
+        positions = torch.arange(T, device=input_ids.device)[None, :]
+        if cache is not None:
+            positions = positions + cache.lengths[:, None]
+        y = self.drop(self.wte(input_ids) + self.wpe(positions))
+        h = None
+        for block in self.h:
+            y, h = block(y, h, cache)
+        if last_only:
+            last = (input_lengths - 1 if input_lengths is not None
+                    else torch.full((B,), T - 1, device=input_ids.device))
+            rows = torch.arange(B, device=input_ids.device)
+            y, h = y[rows, last][:, None], h[rows, last][:, None]
+        x, _ = self.ln_f(y, residual=h)
+        if cache is not None:
+            cache.lengths += T if input_lengths is None else input_lengths
+            cache.filled += T
+        return F.linear(x, self.wte.weight)  # the LM head is tied to the token embedding
+
+    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+        return KVCache.allocate(self.config, batch, capacity or self.config.n_positions, self.dtype, self.device)
+
+    # Loading, saving and generation live in their own modules; these are the entry points users expect.
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, device=None) -> "GPT2":
+        from .checkpoint import from_pretrained
+        return from_pretrained(name_or_path, dtype=dtype, device=device)
+
+    @classmethod
+    def from_hf(cls, hf_model) -> "GPT2":
+        from .checkpoint import from_hf
+        return from_hf(hf_model)
+
+    def save_pretrained(self, path) -> None:
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path)
+
+    def generate(self, input_ids, max_new_tokens, **kwargs) -> torch.Tensor:
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def stream(self, input_ids, max_new_tokens, **kwargs):
+        from .generate import stream
+        return stream(self, input_ids, max_new_tokens, **kwargs)

@@ -1,0 +1,141 @@
+"""The only door to a hot path: one function per op, one signature for every backend.
+
+Each function checks its inputs (shapes, dtypes, devices, parameter ranges) once, here, so that no
+backend ever sees an input it would silently get wrong, then runs the implementation the registry
+picks (see `registry.py`).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference  # noqa: F401  (registers the reference backend)
+from .registry import (
+    OPS,
+    backends,
+    get_backend,
+    register,
+    register_backend,
+    resolve,
+    set_backend,
+    use_backend,
+)
+
+__all__ = [
+    "OPS", "backends", "get_backend", "register", "register_backend", "set_backend", "use_backend",
+    "layer_norm", "causal_attention", "decode_attention", "gelu_mlp", "bias_gelu", "sample",
+]
+
+
+def _same_device_and_dtype(op: str, **tensors: torch.Tensor) -> None:
+    (first_name, first), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+        if t.dtype != first.dtype:
+            raise ValueError(f"{op}: {name} is {t.dtype} but {first_name} is {first.dtype}")
+    if not first.is_floating_point():
+        raise TypeError(f"{op}: expected floating-point tensors, got {first.dtype}")
+
+
+def _shape(op: str, name: str, t: torch.Tensor, expected: tuple) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(expected)}")
+
+
+def _dispatch(op: str, device: torch.device, *args, **kwargs):
+    return resolve(op, device.type, args, kwargs)(*args, **kwargs)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+               residual: torch.Tensor | None = None):
+    """LayerNorm over the last dim. With `residual`: h = x + residual, returns (LN(h), h)."""
+    tensors = dict(x=x, weight=weight, bias=bias) | ({} if residual is None else dict(residual=residual))
+    _same_device_and_dtype("layer_norm", **tensors)
+    _shape("layer_norm", "weight", weight, (x.shape[-1],))
+    _shape("layer_norm", "bias", bias, (x.shape[-1],))
+    if residual is not None:
+        _shape("layer_norm", "residual", residual, x.shape)
+    if not eps > 0:
+        raise ValueError(f"layer_norm: eps must be > 0, got {eps}")
+    return _dispatch("layer_norm", x.device, x, weight, bias, eps, residual)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Prefill attention: q, k, v [B, H, T, D]; causal; scale 1/sqrt(D). Returns [B, H, T, D]."""
+    _same_device_and_dtype("causal_attention", q=q, k=k, v=v)
+    if q.dim() != 4:
+        raise ValueError(f"causal_attention: q must be [B, H, T, D], got shape {tuple(q.shape)}")
+    _shape("causal_attention", "k", k, q.shape)
+    _shape("causal_attention", "v", v, q.shape)
+    return _dispatch("causal_attention", q.device, q, k, v)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     lengths: torch.Tensor) -> torch.Tensor:
+    """The Tq newest tokens of each sequence against its KV cache.
+
+    q [B, H, Tq, D]; k_cache, v_cache [B, H, S, D], already holding the new tokens' keys and values;
+    lengths [B] integer: valid cache entries per sequence, the new tokens included, so the i-th query
+    sits at position lengths - Tq + i and sees keys 0 .. that position. Returns [B, H, Tq, D].
+    """
+    _same_device_and_dtype("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
+    if q.dim() != 4 or k_cache.dim() != 4:
+        raise ValueError(f"decode_attention: q and caches must be 4-D, got {tuple(q.shape)}, {tuple(k_cache.shape)}")
+    B, H, Tq, D = q.shape
+    S = k_cache.shape[2]
+    _shape("decode_attention", "k_cache", k_cache, (B, H, S, D))
+    _shape("decode_attention", "v_cache", v_cache, (B, H, S, D))
+    _shape("decode_attention", "lengths", lengths, (B,))
+    if lengths.dtype not in (torch.int32, torch.int64) or lengths.device != q.device:
+        raise ValueError(f"decode_attention: lengths must be int32/int64 on {q.device}, "
+                         f"got {lengths.dtype} on {lengths.device}")
+    if Tq > S:
+        raise ValueError(f"decode_attention: {Tq} queries do not fit a cache of {S} positions")
+    return _dispatch("decode_attention", q.device, q, k_cache, v_cache, lengths)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU (tanh approximation, as GPT-2) of x + bias; bias [F] broadcasts over x [..., F]."""
+    _same_device_and_dtype("bias_gelu", x=x, bias=bias)
+    _shape("bias_gelu", "bias", bias, (x.shape[-1],))
+    return _dispatch("bias_gelu", x.device, x, bias)
+
+
+def gelu_mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor, w_proj: torch.Tensor,
+             b_proj: torch.Tensor) -> torch.Tensor:
+    """GPT-2's MLP: linear(gelu_tanh(linear(x, w_fc, b_fc)), w_proj, b_proj); weights [out, in]."""
+    _same_device_and_dtype("gelu_mlp", x=x, w_fc=w_fc, b_fc=b_fc, w_proj=w_proj, b_proj=b_proj)
+    C = x.shape[-1]
+    F = w_fc.shape[0]
+    _shape("gelu_mlp", "w_fc", w_fc, (F, C))
+    _shape("gelu_mlp", "b_fc", b_fc, (F,))
+    _shape("gelu_mlp", "w_proj", w_proj, (C, F))
+    _shape("gelu_mlp", "b_proj", b_proj, (C,))
+    return _dispatch("gelu_mlp", x.device, x, w_fc, b_fc, w_proj, b_proj)
+
+
+def check_sampling_params(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be an int >= 0 (0 or None: no top-k), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (1 or None: no top-p), got {top_p!r}")
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token id per row of logits [B, V] -> [B] int64.
+
+    HF's warpers in HF's order: logits / temperature, then top-k (ties at the k-th value kept), then
+    top-p (keeping at least one token). temperature 0 is greedy (argmax, lowest id on ties). A row
+    with +inf logits draws evenly among its +inf entries.
+    """
+    check_sampling_params(temperature, top_k, top_p)
+    if logits.dim() != 2 or logits.shape[-1] == 0:
+        raise ValueError(f"sample: logits must be [B, V] with V >= 1, got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"sample: logits must be floating point, got {logits.dtype}")
+    if generator is not None and generator.device.type != logits.device.type:
+        raise ValueError(f"sample: generator is on {generator.device} but logits are on {logits.device}")
+    return _dispatch("sample", logits.device, logits, temperature, top_k, top_p, generator)

@@ -1,0 +1,120 @@
+"""The reference (`torch`) backend: plain PyTorch, always available.
+
+It is the fallback for every other backend and the oracle their tests compare with, so it favours
+clarity and numerical care over speed: low-precision inputs are computed in fp32 and cast back,
+masks use -inf, never a large finite constant.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .registry import REFERENCE, register, register_backend
+
+register_backend(REFERENCE, "plain PyTorch; the fallback and the oracle", lambda: None)
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.float() for t in tensors]
+
+
+@register("layer_norm", REFERENCE)
+def layer_norm(x, weight, bias, eps=1e-5, residual=None):
+    h = x if residual is None else x + residual
+    hf, wf, bf = _fp32(h, weight, bias)
+    y = F.layer_norm(hf, (hf.shape[-1],), wf, bf, eps).to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+@register("causal_attention", REFERENCE)
+def causal_attention(q, k, v):
+    if q.dtype in _LOW_PRECISION:
+        return causal_attention(*_fp32(q, k, v)).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def decode_mask(lengths: torch.Tensor, n_queries: int, cache_len: int) -> torch.Tensor:
+    """[B, 1, Tq, S] bool: the i-th of the Tq newest tokens (at position lengths - Tq + i) sees keys <= its position."""
+    query_pos = lengths[:, None] - n_queries + torch.arange(n_queries, device=lengths.device)
+    key_pos = torch.arange(cache_len, device=lengths.device)
+    return (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]
+
+
+@register("decode_attention", REFERENCE)
+def decode_attention(q, k_cache, v_cache, lengths):
+    if q.dtype in _LOW_PRECISION:
+        return decode_attention(*_fp32(q, k_cache, v_cache), lengths).to(q.dtype)
+    mask = decode_mask(lengths, q.shape[2], k_cache.shape[2])
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+
+
+@register("bias_gelu", REFERENCE)
+def bias_gelu(x, bias):
+    if x.dtype in _LOW_PRECISION:
+        return bias_gelu(*_fp32(x, bias)).to(x.dtype)
+    return F.gelu(x + bias, approximate="tanh")
+
+
+@register("gelu_mlp", REFERENCE)
+def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj):
+    # F.linear with a bias is one addmm, so bias + GELU here costs one extra pass, not two.
+    return F.linear(F.gelu(F.linear(x, w_fc, b_fc), approximate="tanh"), w_proj, b_proj)
+
+
+# ---- sampling: HF's logits warpers (temperature, then top-k, then top-p), then one draw ----
+
+
+def _resolve_posinf(logits: torch.Tensor) -> torch.Tensor:
+    """Rows holding +inf put all their mass, evenly, on the +inf entries (the limit of softmax)."""
+    posinf = logits == math.inf
+    has_posinf = posinf.any(dim=-1, keepdim=True)
+    if not bool(has_posinf.any()):
+        return logits
+    inside = torch.where(posinf, 0.0, -math.inf)
+    return torch.where(has_posinf, inside, logits)
+
+
+def top_k_filter(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep every score >= the k-th largest (ties at the k-th value are all kept, as HF does)."""
+    k = min(top_k, scores.shape[-1])
+    kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, -math.inf)
+
+
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Drop the least likely tokens whose cumulative probability stays <= 1 - top_p; keep at least one.
+
+    A stable ascending sort makes ties deterministic: among equal scores the lower id is dropped first.
+    """
+    sorted_scores, order = torch.sort(scores, dim=-1, stable=True)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= 1 - top_p
+    drop_sorted[..., -1] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, -math.inf)
+
+
+def filtered_logits(logits, temperature=1.0, top_k=None, top_p=None) -> torch.Tensor:
+    """fp32 scores whose softmax is exactly the distribution `sample` draws from (temperature > 0)."""
+    scores = _resolve_posinf(logits.float()) / temperature
+    if top_k:
+        scores = top_k_filter(scores, top_k)
+    if top_p is not None and top_p < 1.0:
+        scores = top_p_filter(scores, top_p)
+    return scores
+
+
+@register("sample", REFERENCE)
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    if torch.isnan(logits).any():
+        raise ValueError("sample: logits contain NaN")
+    if (logits == -math.inf).all(dim=-1).any():
+        raise ValueError("sample: a row of logits is all -inf, so no token can be drawn")
+    if temperature == 0:
+        return _resolve_posinf(logits.float()).argmax(dim=-1)
+    probs = filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

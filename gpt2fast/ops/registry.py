@@ -1,0 +1,171 @@
+"""One registry for every backend of every op, and the rules that pick one per call.
+
+Selection, most specific first: a per-op override (`set_backend(sample="torch")`), then the
+backend set for all ops (`set_backend("triton")`, the `use_backend(...)` context manager, or
+the GPT2FAST_BACKEND environment variable read at import), default `auto`. `auto` walks a
+preference list per device type, fastest first as the benchmarks measured it. A backend that is
+unavailable, lacks the op, or refuses an input falls back to the reference (`torch`) with one log
+line per distinct reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+log = logging.getLogger("gpt2fast")
+
+OPS = ("layer_norm", "causal_attention", "decode_attention", "gelu_mlp", "bias_gelu", "sample")
+REFERENCE = "torch"
+CHOICES = ("auto", "torch", "triton", "cuda")
+
+# Fastest first, per device type. Later backends insert themselves here as benchmarks justify.
+AUTO_ORDER: dict[str, list[str]] = {"cuda": ["cuda", "triton", REFERENCE], "cpu": [REFERENCE]}
+
+
+@dataclass
+class Impl:
+    fn: Callable
+    # Returns None when the implementation takes these arguments, else the reason it does not.
+    supports: Callable[..., str | None] | None = None
+
+
+@dataclass
+class Backend:
+    name: str
+    description: str
+    # Returns None when the backend can run here, else the reason it cannot (shown by `backends`).
+    probe: Callable[[], str | None]
+    impls: dict[str, Impl] = field(default_factory=dict)
+    _unavailable: str | None = field(default=None, init=False)
+    _probed: bool = field(default=False, init=False)
+
+    def unavailable_reason(self) -> str | None:
+        if not self._probed:
+            try:
+                self._unavailable = self.probe()
+            except Exception as e:  # a probe that crashes means the backend cannot be used
+                self._unavailable = f"probe failed: {type(e).__name__}: {e}"
+            self._probed = True
+        return self._unavailable
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, description: str, probe: Callable[[], str | None]) -> Backend:
+    if name not in CHOICES or name == "auto":
+        raise ValueError(f"backend name must be one of {CHOICES[1:]}, got {name!r}")
+    _BACKENDS.setdefault(name, Backend(name, description, probe))
+    return _BACKENDS[name]
+
+
+def register(op: str, backend: str, supports: Callable[..., str | None] | None = None):
+    """Decorator: make `fn` the `backend` implementation of `op`."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops are {OPS}")
+
+    def wrap(fn: Callable) -> Callable:
+        if backend not in _BACKENDS:
+            raise ValueError(f"register_backend({backend!r}, ...) must come before registering its ops")
+        _BACKENDS[backend].impls[op] = Impl(fn, supports)
+        return fn
+
+    return wrap
+
+
+def backends() -> dict[str, Backend]:
+    return dict(_BACKENDS)
+
+
+def _check_choice(name: str) -> str:
+    name = name.strip().lower()
+    if name not in CHOICES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(CHOICES)}")
+    return name
+
+
+def _from_env() -> str:
+    value = os.environ.get("GPT2FAST_BACKEND", "auto")
+    try:
+        return _check_choice(value)
+    except ValueError as e:
+        raise ValueError(f"GPT2FAST_BACKEND: {e}") from None
+
+
+# (global backend, per-op overrides); a ContextVar so that use_backend nests and is thread-safe.
+_selection: contextvars.ContextVar[tuple[str, dict[str, str]]] = contextvars.ContextVar(
+    "gpt2fast_backend", default=(_from_env(), {})
+)
+
+
+def _parse(backend: str | None, per_op: dict[str, str]) -> tuple[str, dict[str, str]]:
+    current, overrides = _selection.get()
+    overrides = dict(overrides)
+    for op, name in per_op.items():
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r} in backend override; ops are {', '.join(OPS)}")
+        overrides[op] = _check_choice(name)
+    return (_check_choice(backend) if backend is not None else current), overrides
+
+
+def set_backend(backend: str | None = None, **per_op: str) -> None:
+    """Set the backend for all ops (`set_backend("triton")`) and/or per op (`set_backend(sample="torch")`)."""
+    _selection.set(_parse(backend, per_op))
+
+
+def get_backend(op: str | None = None) -> str:
+    current, overrides = _selection.get()
+    return overrides.get(op, current) if op else current
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None = None, **per_op: str) -> Iterator[None]:
+    """Context manager form of `set_backend`; the previous selection comes back on exit."""
+    token = _selection.set(_parse(backend, per_op))
+    try:
+        yield
+    finally:
+        _selection.reset(token)
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.warning(message)
+
+
+def _refusal(name: str, op: str, args: tuple, kwargs: dict) -> str | None:
+    backend = _BACKENDS.get(name)
+    if backend is None:
+        return "not installed"
+    reason = backend.unavailable_reason()
+    if reason:
+        return reason
+    impl = backend.impls.get(op)
+    if impl is None:
+        return f"no {op} implementation"
+    return impl.supports(*args, **kwargs) if impl.supports else None
+
+
+def resolve(op: str, device_type: str, args: tuple, kwargs: dict) -> Callable:
+    """The implementation of `op` to run for these arguments."""
+    choice = get_backend(op)
+    if choice == "auto":
+        for name in AUTO_ORDER.get(device_type, [REFERENCE]):
+            if _refusal(name, op, args, kwargs) is None:
+                return _BACKENDS[name].impls[op].fn
+    elif choice == REFERENCE:
+        pass
+    else:
+        reason = _refusal(choice, op, args, kwargs)
+        if reason is None:
+            return _BACKENDS[choice].impls[op].fn
+        _log_once(f"gpt2fast: {op} falls back to the torch reference: backend {choice!r}: {reason}")
+    return _BACKENDS[REFERENCE].impls[op].fn

@@ -1,0 +1,32 @@
+"""Install gpt2fast.
+
+The Triton kernels live in the top-level `kernels/` folder of the source tree and are
+installed as `gpt2fast.kernels`, so that no top-level `kernels` package can collide
+with another project's.
+"""
+from setuptools import find_packages, setup
+
+packages = [p for p in find_packages(include=["gpt2fast", "gpt2fast.*"])] + ["gpt2fast.kernels"]
+
+setup(
+    name="gpt2fast",
+    version="0.1.0",
+    description="A fast, clean GPT-2 for PyTorch: reference ops, Triton and CUDA kernels behind one dispatch point",
+    python_requires=">=3.11",
+    packages=packages,
+    package_dir={"gpt2fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.11",
+        "numpy",
+        "regex",
+        "tiktoken>=0.7",
+        "safetensors",
+        "huggingface_hub",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "scipy", "transformers>=4.45", "pytest-benchmark"],
+        "bench": ["matplotlib", "transformers>=4.45", "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["gpt2fast = gpt2fast.cli:main"]},
+)
