@@ -1,1 +1,18 @@
-"""gpt2fast: a fast, clean GPT-2 for PyTorch."""
+"""gpt2fast: a fast, clean GPT-2 for PyTorch.
+
+    from gpt2fast import GPT2, Tokenizer
+    model = GPT2.from_pretrained("gpt2")           # or an HF folder
+    out = model.generate(ids, 32, top_p=0.9, seed=0)
+
+Every hot path runs through `gpt2fast.ops`; pick its backend with `set_backend`, `use_backend` or
+the GPT2FAST_BACKEND environment variable.
+"""
+from . import ops
+from .config import PRESETS, GPT2Config
+from .model import GPT2, KVCache
+from .ops import get_backend, set_backend, use_backend
+from .tokenizer import CharTokenizer, Tokenizer
+
+__version__ = "0.1.0"
+__all__ = ["GPT2", "GPT2Config", "KVCache", "PRESETS", "Tokenizer", "CharTokenizer", "ops",
+           "set_backend", "get_backend", "use_backend", "__version__"]

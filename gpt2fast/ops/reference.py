@@ -48,8 +48,13 @@ def decode_mask(lengths: torch.Tensor, n_queries: int, cache_len: int) -> torch.
 def decode_attention(q, k_cache, v_cache, lengths):
     if q.dtype in _LOW_PRECISION:
         return decode_attention(*_fp32(q, k_cache, v_cache), lengths).to(q.dtype)
-    mask = decode_mask(lengths, q.shape[2], k_cache.shape[2])
-    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+    # Entries past a sequence's length may hold anything (NaN included): cut the cache to the longest
+    # sequence and zero the rest, since a masked score still multiplies its value (0 * NaN = NaN).
+    longest = int(lengths.max())
+    k, v = k_cache[:, :, :longest], v_cache[:, :, :longest]
+    valid = (torch.arange(longest, device=q.device) < lengths[:, None])[:, None, :, None]
+    k, v = k.masked_fill(~valid, 0.0), v.masked_fill(~valid, 0.0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=decode_mask(lengths, q.shape[2], longest))
 
 
 @register("bias_gelu", REFERENCE)

@@ -1,0 +1,202 @@
+"""`python -m gpt2fast` (and the `gpt2fast` script): generate, train, bigram, backends."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import ops
+from .config import PRESETS, GPT2Config
+from .data import default_data_dir
+from .env_info import environment
+from .model import GPT2
+from .ops import registry
+from .tokenizer import CharTokenizer, Tokenizer
+from .train import CHAR_VOCAB_FILE, TrainConfig, train
+
+log = logging.getLogger("gpt2fast")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(model_dir: Path | None, explicit: str | None = None):
+    """The tokenizer for a model: --tokenizer, else the checkpoint's own vocabulary, else GPT-2's."""
+    if explicit:
+        return Tokenizer.from_pretrained(explicit)
+    if model_dir is not None and (model_dir / CHAR_VOCAB_FILE).exists():
+        return CharTokenizer.from_dict(json.loads((model_dir / CHAR_VOCAB_FILE).read_text()))
+    for folder in ([model_dir] if model_dir else []) + [default_data_dir() / "gpt2_hf", default_data_dir()]:
+        if any((folder / f).exists() for f in ("vocab.json", "tokenizer.json", "encoder.json", "gpt2.tiktoken")):
+            return Tokenizer.from_pretrained(folder)
+    import tiktoken  # online: tiktoken downloads (and caches) the GPT-2 vocabulary itself
+
+    enc = tiktoken.get_encoding("gpt2")
+    return Tokenizer(enc._mergeable_ranks, enc._special_tokens)
+
+
+def load_model(name: str, random_weights: bool, dtype, device) -> tuple[GPT2, Path | None]:
+    if random_weights:
+        if name not in PRESETS:
+            raise SystemExit(f"--random-weights needs a preset name ({', '.join(PRESETS)}), got {name!r}")
+        log.warning("gpt2fast: %s preset with random weights: the text will be gibberish", name)
+        torch.manual_seed(0)
+        return GPT2(GPT2Config.from_preset(name)).to(device=device, dtype=dtype).eval(), None
+    folder = Path(name)
+    model = GPT2.from_pretrained(name, dtype=dtype, device=device)
+    return model, folder if folder.is_dir() else None
+
+
+def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
+    """Text pieces as tokens arrive; bytes of a character split across tokens wait for the rest."""
+    if isinstance(tokenizer, CharTokenizer):
+        yield from (tokenizer.decode([t]) for t in tokens)
+        return
+    pending = b""
+    for t in tokens:
+        pending += tokenizer.decode_bytes([t])
+        try:
+            text, pending = pending.decode("utf-8"), b""
+        except UnicodeDecodeError as e:
+            if e.reason != "unexpected end of data":
+                text, pending = pending.decode("utf-8", errors="replace"), b""
+            else:
+                continue
+        yield text
+    if pending:
+        yield pending.decode("utf-8", errors="replace")
+
+
+def cmd_generate(args) -> None:
+    ops.set_backend(args.backend)
+    model, folder = load_model(args.model, args.random_weights, DTYPES[args.dtype], args.device)
+    tokenizer = load_tokenizer(folder, args.tokenizer)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}; pass the model's own vocabulary with --tokenizer")
+    if args.prompt:
+        prompt = tokenizer.encode(args.prompt)
+    else:
+        prompt = [tokenizer.eot_token] if isinstance(tokenizer, Tokenizer) else tokenizer.encode("\n")
+    ids = torch.tensor([prompt], device=model.device)
+    eos = tokenizer.eot_token if isinstance(tokenizer, Tokenizer) else None
+    steps = model.stream(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, eos_token_id=eos)
+    sys.stdout.write(args.prompt)
+    for piece in stream_text(tokenizer, (int(t[0]) for t in steps)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_train(args) -> None:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    result = train(cfg)
+    print(f"iters {result['iters']}  {result['seconds']:.1f} s  {result['tokens_per_second']:,.0f} tokens/s  "
+          f"train loss {result['train_loss']:.4f}  val loss {result['val_loss']:.4f}  -> {cfg.out_dir}")
+    model = GPT2.from_pretrained(cfg.out_dir)
+    tokenizer = load_tokenizer(Path(cfg.out_dir), None if cfg.tokenizer == "char" else cfg.tokenizer)
+    start = torch.tensor([tokenizer.encode("\n")])
+    sample = model.generate(start, args.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
+    text = tokenizer.decode(sample[0, 1:].tolist())
+    print(f"--- sample ({args.sample_tokens} tokens, temperature 0.8, top-k 50) ---\n{text}")
+    if args.record:
+        record = {"name": "train", "config": dataclasses.asdict(cfg), "environment": environment(),
+                  **{k: v for k, v in result.items() if k != "out_dir"}, "sample": text}
+        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.record).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"recorded -> {args.record}")
+
+
+def cmd_bigram(args) -> None:
+    from .bigram import run_bigrams
+
+    r = run_bigrams(args.data or None, steps=args.steps, progress=True)
+    print(f"vocabulary {r['vocab_size']} chars; uniform loss {r['uniform_loss']:.4f}")
+    for name in ("counting", "neural"):
+        m = r[name]
+        print(f"{name:>8} bigram: train {m['train_loss']:.4f}  val {m['val_loss']:.4f}\n{m['sample']}\n")
+
+
+def describe_backends() -> list[tuple[str, str, str]]:
+    """(backend, status, detail) rows, one per backend name."""
+    rows = []
+    for name in registry.CHOICES[1:]:
+        backend = registry.backends().get(name)
+        if backend is None:
+            rows.append((name, "unavailable", "not registered: this installation has no implementation of it"))
+            continue
+        reason = backend.unavailable_reason()
+        implemented = ", ".join(op for op in registry.OPS if op in backend.impls) or "none"
+        rows.append((name, "unavailable" if reason else "available",
+                     reason or f"{backend.description}; ops: {implemented}"))
+    return rows
+
+
+def cmd_backends(args) -> None:
+    for name, status, detail in describe_backends():
+        print(f"{name:<8} {status:<12} {detail}")
+    current, overrides = registry.get_backend(), {op: registry.get_backend(op) for op in registry.OPS}
+    print(f"\nselected: {current}" + "".join(f"\n  {op}: {b}" for op, b in overrides.items() if b != current))
+    print("auto order on cuda: " + " > ".join(registry.AUTO_ORDER["cuda"])
+          + "; on cpu: " + " > ".join(registry.AUTO_ORDER["cpu"]))
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            parser.add_argument(flag, type=kind, default=f.default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt2fast", description="A fast, clean GPT-2 for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text, streamed as it is made")
+    g.add_argument("--model", default="gpt2", help="an HF GPT-2 folder or trained checkpoint, a hub name, "
+                                                   "or a preset with --random-weights")
+    g.add_argument("--random-weights", action="store_true", help="build --model from its preset, untrained")
+    g.add_argument("--tokenizer", default=None, help="a GPT-2 vocabulary (folder or .tiktoken file)")
+    g.add_argument("--prompt", default="")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--backend", default="auto", choices=registry.CHOICES)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train a model (default: the char-level course model on tiny Shakespeare)")
+    _add_dataclass_flags(t, TrainConfig)
+    t.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample from the trained model")
+    t.add_argument("--record", default=None, help="write the result, with device and versions, to this JSON file")
+    t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("bigram", help="the counting and neural bigram models on a text (default: tiny Shakespeare)")
+    b.add_argument("--data", default="")
+    b.add_argument("--steps", type=int, default=500)
+    b.set_defaults(func=cmd_bigram)
+
+    k = sub.add_parser("backends", help="list the op backends and why each is or is not available")
+    k.set_defaults(func=cmd_backends)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise SystemExit(f"gpt2fast {args.command}: error: {e}") from None
