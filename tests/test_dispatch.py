@@ -1,0 +1,434 @@
+"""Backend selection and fallback (gpt2fast.ops.registry), and the input checks of every public op."""
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import gpt2fast
+from gpt2fast import ops
+from gpt2fast.ops import registry
+
+
+@pytest.fixture(autouse=True)
+def restore_selection():
+    """Whatever a test selects with set_backend is undone after it."""
+    token = registry._selection.set(registry._selection.get())
+    yield
+    registry._selection.reset(token)
+
+
+@pytest.fixture
+def fake_registry(monkeypatch):
+    """A private copy of the registry, its log-once memory and AUTO_ORDER, for backends a test makes up."""
+    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
+    monkeypatch.setattr(registry, "_logged", set())
+    for device_type, order in registry.AUTO_ORDER.items():
+        monkeypatch.setitem(registry.AUTO_ORDER, device_type, list(order))
+    return registry
+
+
+def make_backend(name, probe=lambda: None):
+    """Register a made-up backend under `name` (one of the non-reference choices), replacing any real one."""
+    registry._BACKENDS.pop(name, None)
+    return registry.register_backend(name, "made up by a test", probe)
+
+
+def fallback_records(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "gpt2fast" and "falls back" in r.getMessage()]
+
+
+def ln_inputs(width=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 3, width, generator=g), torch.randn(width, generator=g) + 1,
+            torch.randn(width, generator=g))
+
+
+def reference(op, *args):
+    return registry._BACKENDS[registry.REFERENCE].impls[op].fn(*args)
+
+
+# ---- selection ----
+
+
+def test_reference_backend_implements_every_op_and_is_available():
+    torch_backend = ops.backends()["torch"]
+    assert torch_backend.unavailable_reason() is None
+    assert set(torch_backend.impls) == set(registry.OPS)
+
+
+@pytest.mark.parametrize("name", ["torch", "auto", "triton", "cuda", " Torch ", "AUTO"])
+def test_set_backend_selects_every_op(name):
+    gpt2fast.set_backend(name)
+    expected = name.strip().lower()
+    assert gpt2fast.get_backend() == expected
+    assert all(gpt2fast.get_backend(op) == expected for op in registry.OPS)
+
+
+def test_use_backend_nests_and_restores():
+    gpt2fast.set_backend("torch")
+    with gpt2fast.use_backend("triton"):
+        assert gpt2fast.get_backend() == "triton"
+        with gpt2fast.use_backend("cuda"):
+            assert gpt2fast.get_backend() == "cuda"
+            with gpt2fast.use_backend():  # no arguments: the selection stands
+                assert gpt2fast.get_backend() == "cuda"
+        assert gpt2fast.get_backend() == "triton"
+    assert gpt2fast.get_backend() == "torch"
+
+
+def test_use_backend_restores_after_an_exception():
+    gpt2fast.set_backend("auto")
+    with pytest.raises(RuntimeError, match="inside"):
+        with gpt2fast.use_backend("cuda", sample="torch"):
+            raise RuntimeError("inside")
+    assert gpt2fast.get_backend() == "auto" and gpt2fast.get_backend("sample") == "auto"
+
+
+def test_per_op_override_is_more_specific_than_the_global_choice():
+    gpt2fast.set_backend("cuda")
+    with gpt2fast.use_backend(sample="torch"):
+        assert gpt2fast.get_backend("sample") == "torch"
+        assert gpt2fast.get_backend("layer_norm") == gpt2fast.get_backend() == "cuda"
+        with gpt2fast.use_backend("triton", layer_norm="Auto"):
+            assert gpt2fast.get_backend("sample") == "torch"  # the override survives a new global choice
+            assert gpt2fast.get_backend("layer_norm") == "auto"
+            assert gpt2fast.get_backend("gelu_mlp") == "triton"
+        assert gpt2fast.get_backend("layer_norm") == "cuda"
+    assert all(gpt2fast.get_backend(op) == "cuda" for op in registry.OPS)
+
+    gpt2fast.set_backend(sample="torch", decode_attention="triton")
+    gpt2fast.set_backend("auto")
+    assert (gpt2fast.get_backend("sample"), gpt2fast.get_backend("decode_attention")) == ("torch", "triton")
+    assert gpt2fast.get_backend("causal_attention") == "auto"
+
+
+def test_selection_in_one_thread_does_not_leak_into_another():
+    gpt2fast.set_backend("torch")
+    seen = {}
+
+    def worker():
+        with gpt2fast.use_backend("cuda"):
+            seen["worker"] = gpt2fast.get_backend()
+            barrier.wait()
+            barrier.wait()
+
+    barrier = threading.Barrier(2, timeout=60)
+    thread = threading.Thread(target=worker)
+    thread.start()
+    barrier.wait()  # the worker is inside its use_backend now
+    seen["main"] = gpt2fast.get_backend()
+    barrier.wait()
+    thread.join()
+    assert seen == {"worker": "cuda", "main": "torch"}
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: gpt2fast.set_backend("tpu"), r"unknown backend 'tpu'; choose one of auto, torch, triton, cuda"),
+    (lambda: gpt2fast.set_backend(""), r"unknown backend ''"),
+    (lambda: gpt2fast.set_backend(sample="fastest"), r"unknown backend 'fastest'"),
+    (lambda: gpt2fast.set_backend(softmax="torch"), r"unknown op 'softmax'.*layer_norm"),
+    (lambda: gpt2fast.use_backend("tpu").__enter__(), r"unknown backend 'tpu'"),
+    (lambda: gpt2fast.use_backend(attention="torch").__enter__(), r"unknown op 'attention'"),
+], ids=["set", "empty", "per_op_backend", "per_op_name", "use", "use_per_op_name"])
+def test_unknown_names_are_rejected_and_change_nothing(call, match):
+    gpt2fast.set_backend("triton", sample="torch")
+    with pytest.raises(ValueError, match=match):
+        call()
+    assert gpt2fast.get_backend() == "triton" and gpt2fast.get_backend("sample") == "torch"
+
+
+def test_registering_unknown_ops_or_backends_is_rejected(fake_registry):
+    with pytest.raises(ValueError, match=r"unknown op 'softmax'"):
+        registry.register("softmax", "torch")
+    with pytest.raises(ValueError, match=r"backend name must be one of .*got 'tpu'"):
+        registry.register_backend("tpu", "nope", lambda: None)
+    with pytest.raises(ValueError, match=r"backend name must be one of .*got 'auto'"):
+        registry.register_backend("auto", "nope", lambda: None)
+    registry._BACKENDS.pop("cuda", None)
+    with pytest.raises(ValueError, match=r"register_backend\('cuda'"):
+        registry.register("sample", "cuda")(lambda *a: None)
+
+
+# ---- GPT2FAST_BACKEND ----
+
+
+@pytest.mark.parametrize("value,expected",
+                         [("torch", "torch"), ("Triton", "triton"), (" cuda ", "cuda"), ("AUTO", "auto")])
+def test_environment_variable_is_parsed(monkeypatch, value, expected):
+    monkeypatch.setenv("GPT2FAST_BACKEND", value)
+    assert registry._from_env() == expected
+
+
+def test_environment_variable_defaults_to_auto(monkeypatch):
+    monkeypatch.delenv("GPT2FAST_BACKEND", raising=False)
+    assert registry._from_env() == "auto"
+
+
+def run_python_with_backend(value):
+    env = {**os.environ, "GPT2FAST_BACKEND": value}
+    code = "import gpt2fast; print(gpt2fast.get_backend(), gpt2fast.get_backend('sample'))"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_environment_variable_selects_the_backend_at_import():
+    result = run_python_with_backend("Torch")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["torch", "torch"]
+
+
+def test_invalid_environment_variable_fails_at_import_naming_it():
+    result = run_python_with_backend("fastest")
+    assert result.returncode != 0
+    assert "GPT2FAST_BACKEND: unknown backend 'fastest'; choose one of auto, torch, triton, cuda" in result.stderr
+
+
+# ---- fallback to the reference ----
+
+
+def test_unavailable_backend_falls_back_with_one_log_line(fake_registry, caplog):
+    probes = []
+    make_backend("cuda", probe=lambda: probes.append(1) or "no device in this test")
+
+    @registry.register("layer_norm", "cuda")
+    def must_not_run(*args):
+        raise AssertionError("an unavailable backend ran")
+
+    x, w, b = ln_inputs()
+    expected = reference("layer_norm", x, w, b, 1e-5, None)
+    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("cuda"):
+        for _ in range(3):
+            torch.testing.assert_close(ops.layer_norm(x, w, b), expected, rtol=0, atol=0)
+    records = fallback_records(caplog)
+    assert len(records) == 1, records
+    assert all(word in records[0] for word in ("layer_norm", "'cuda'", "no device in this test"))
+    assert probes == [1]  # probed once, remembered
+    assert ops.backends()["cuda"].unavailable_reason() == "no device in this test"
+
+
+def test_backend_that_is_not_installed_falls_back(fake_registry, caplog):
+    registry._BACKENDS.pop("triton", None)
+    g = torch.Generator().manual_seed(1)
+    x, bias = torch.randn(4, 9, generator=g), torch.randn(9, generator=g)
+    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("triton"):
+        y = ops.bias_gelu(x, bias)
+        ops.bias_gelu(x, bias)
+    torch.testing.assert_close(y, reference("bias_gelu", x, bias), rtol=0, atol=0)
+    records = fallback_records(caplog)
+    assert len(records) == 1 and "bias_gelu" in records[0] and "not installed" in records[0], records
+
+
+def test_crashing_probe_means_unavailable(fake_registry, caplog):
+    def probe():
+        raise RuntimeError("driver exploded")
+
+    make_backend("cuda", probe=probe)
+    registry.register("bias_gelu", "cuda")(lambda *a: pytest.fail("ran despite its probe"))
+    x, bias = torch.randn(3, 5) + 0.5, torch.randn(5)
+    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("cuda"):
+        y = ops.bias_gelu(x, bias)
+    torch.testing.assert_close(y, reference("bias_gelu", x, bias), rtol=0, atol=0)
+    assert "probe failed: RuntimeError: driver exploded" in ops.backends()["cuda"].unavailable_reason()
+    assert len(fallback_records(caplog)) == 1
+
+
+def test_refused_input_falls_back_and_logs_once_per_reason(fake_registry, caplog):
+    make_backend("triton")
+    ran = []
+
+    def supports(x, weight, bias, eps, residual):
+        return None if x.shape[-1] % 64 == 0 else f"width {x.shape[-1]} is not a multiple of 64"
+
+    @registry.register("layer_norm", "triton", supports=supports)
+    def zeros_layer_norm(x, weight, bias, eps, residual):
+        ran.append(x.shape[-1])
+        return torch.zeros_like(x)  # unmistakable: the reference never returns all zeros here
+
+    accepted, refused, refused_too = ln_inputs(128), ln_inputs(100, seed=1), ln_inputs(33, seed=2)
+    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("triton"):
+        assert torch.count_nonzero(ops.layer_norm(*accepted)) == 0
+        for _ in range(3):
+            y = ops.layer_norm(*refused)
+            torch.testing.assert_close(y, reference("layer_norm", *refused, 1e-5, None), rtol=0, atol=0)
+        ops.layer_norm(*refused_too)
+        ops.layer_norm(*refused_too)
+    assert ran == [128]
+    records = fallback_records(caplog)
+    assert len(records) == 2, records
+    assert "width 100 is not a multiple of 64" in records[0] and "width 33" in records[1]
+
+
+def test_backend_without_the_op_falls_back(fake_registry, caplog):
+    make_backend("triton")
+    registry.register("layer_norm", "triton")(lambda *a: pytest.fail("wrong op"))
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(3))
+    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("triton"):
+        y = ops.causal_attention(q, k, v)
+    torch.testing.assert_close(y, reference("causal_attention", q, k, v), rtol=0, atol=0)
+    records = fallback_records(caplog)
+    assert len(records) == 1 and "no causal_attention implementation" in records[0], records
+
+
+def test_per_op_override_routes_only_that_op(fake_registry):
+    make_backend("triton")
+    ran = []
+    registry.register("bias_gelu", "triton")(lambda x, bias: ran.append("bias_gelu") or torch.zeros_like(x))
+    registry.register("layer_norm", "triton")(lambda *a: ran.append("layer_norm") or torch.zeros_like(a[0]))
+    x, w, b = ln_inputs()
+    with gpt2fast.use_backend("torch", bias_gelu="triton"):
+        assert torch.count_nonzero(ops.bias_gelu(x, b)) == 0
+        torch.testing.assert_close(ops.layer_norm(x, w, b), reference("layer_norm", x, w, b, 1e-5, None))
+    assert ran == ["bias_gelu"]
+
+
+# ---- auto ----
+
+
+def test_auto_takes_the_first_available_backend_in_auto_order(fake_registry, monkeypatch):
+    make_backend("cuda", probe=lambda: "no device in this test")
+    registry.register("bias_gelu", "cuda")(lambda *a: pytest.fail("ran despite its probe"))
+    make_backend("triton")
+    ran = []
+
+    def supports(x, bias):
+        return None if x.shape[-1] <= 64 else "too wide"
+
+    @registry.register("bias_gelu", "triton", supports=supports)
+    def fake(x, bias):
+        ran.append(x.shape[-1])
+        return torch.zeros_like(x)
+
+    monkeypatch.setitem(registry.AUTO_ORDER, "cpu", ["cuda", "triton", "torch"])
+    narrow, wide = (torch.randn(2, 8), torch.randn(8)), (torch.randn(2, 100), torch.randn(100))
+    with gpt2fast.use_backend("auto"):
+        assert torch.count_nonzero(ops.bias_gelu(*narrow)) == 0  # triton: cuda is unavailable
+        torch.testing.assert_close(ops.bias_gelu(*wide), reference("bias_gelu", *wide))  # triton refuses: torch
+        monkeypatch.setitem(registry.AUTO_ORDER, "cpu", ["torch", "triton"])
+        torch.testing.assert_close(ops.bias_gelu(*narrow), reference("bias_gelu", *narrow))  # torch comes first
+    assert ran == [8]
+
+
+def small_args(op):
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return {
+        "layer_norm": (r(2, 8), r(8), r(8), 1e-5, None),
+        "causal_attention": (r(1, 2, 4, 8), r(1, 2, 4, 8), r(1, 2, 4, 8)),
+        "decode_attention": (r(2, 2, 1, 8), r(2, 2, 6, 8), r(2, 2, 6, 8), torch.tensor([3, 6])),
+        "gelu_mlp": (r(2, 8), r(32, 8), r(32), r(8, 32), r(8)),
+        "bias_gelu": (r(2, 8), r(8)),
+        "sample": (r(2, 5), 1.0, None, None, None),
+    }[op]
+
+
+@pytest.mark.parametrize("op", registry.OPS)
+def test_auto_on_this_machine_picks_the_first_backend_that_takes_the_input(op):
+    args = small_args(op)
+    takers = [b for b in map(ops.backends().get, registry.AUTO_ORDER["cpu"])
+              if b is not None and b.unavailable_reason() is None and op in b.impls
+              and (b.impls[op].supports is None or b.impls[op].supports(*args) is None)]
+    expected = takers[0].impls[op].fn if takers else ops.backends()["torch"].impls[op].fn
+    with gpt2fast.use_backend("auto"):
+        assert registry.resolve(op, "cpu", args, {}) is expected
+
+
+# ---- input checks of every op ----
+
+
+def t(*shape, dtype=torch.float32, device="cpu"):
+    return (torch.randn(*shape) + 0.5).to(dtype=dtype, device=device)
+
+
+def valid_kwargs(op):
+    """Small valid arguments of each op, by name; a case below changes one of them."""
+    return {
+        "layer_norm": lambda: dict(x=t(2, 5, 8), weight=t(8), bias=t(8), eps=1e-5, residual=None),
+        "causal_attention": lambda: dict(q=t(1, 2, 3, 8), k=t(1, 2, 3, 8), v=t(1, 2, 3, 8)),
+        "decode_attention": lambda: dict(q=t(2, 2, 1, 8), k_cache=t(2, 2, 6, 8), v_cache=t(2, 2, 6, 8),
+                                         lengths=torch.tensor([1, 2])),
+        "bias_gelu": lambda: dict(x=t(3, 8), bias=t(8)),
+        "gelu_mlp": lambda: dict(x=t(2, 8), w_fc=t(32, 8), b_fc=t(32), w_proj=t(8, 32), b_proj=t(8)),
+        "sample": lambda: dict(logits=t(2, 5)),
+    }[op]()
+
+
+INTEGER = "every float tensor as int64"
+F16, BF16 = torch.float16, torch.bfloat16
+
+# (op, changed arguments, error type, what the message must say after "op: ")
+BAD_INPUTS = [
+    ("layer_norm", dict(weight=t(7)), ValueError, r"weight has shape \(7,\), expected \(8,\)"),
+    ("layer_norm", dict(bias=t(1, 8)), ValueError, r"bias has shape \(1, 8\)"),
+    ("layer_norm", dict(residual=t(5, 8)), ValueError, r"residual has shape \(5, 8\), expected \(2, 5, 8\)"),
+    ("layer_norm", dict(weight=t(8, dtype=F16)), ValueError, r"weight is torch.float16 but x is torch.float32"),
+    ("layer_norm", dict(residual=t(2, 5, 8, dtype=BF16)), ValueError, r"residual is torch.bfloat16"),
+    ("layer_norm", dict(weight=t(8, device="meta")), ValueError, r"weight is on meta but x is on cpu"),
+    ("layer_norm", INTEGER, TypeError, r"floating-point.*torch.int64"),
+    ("layer_norm", dict(eps=0.0), ValueError, r"eps must be > 0"),
+    ("layer_norm", dict(eps=-1e-5), ValueError, r"eps must be > 0"),
+    ("layer_norm", dict(eps=float("nan")), ValueError, r"eps must be > 0"),
+    ("causal_attention", dict(q=t(2, 3, 8), k=t(2, 3, 8), v=t(2, 3, 8)), ValueError, r"q must be \[B, H, T, D\]"),
+    ("causal_attention", dict(k=t(1, 2, 3, 16)), ValueError, r"k has shape \(1, 2, 3, 16\)"),
+    ("causal_attention", dict(v=t(1, 2, 4, 8)), ValueError, r"v has shape \(1, 2, 4, 8\)"),
+    ("causal_attention", dict(k=t(1, 2, 3, 8, dtype=F16)), ValueError, r"k is torch.float16"),
+    ("causal_attention", dict(v=t(1, 2, 3, 8, device="meta")), ValueError, r"v is on meta"),
+    ("causal_attention", INTEGER, TypeError, r"floating-point"),
+    ("decode_attention", dict(q=t(2, 1, 8)), ValueError, r"4-D"),
+    ("decode_attention", dict(k_cache=t(2, 6, 8), v_cache=t(2, 6, 8)), ValueError, r"4-D"),
+    ("decode_attention", dict(k_cache=t(2, 3, 6, 8)), ValueError,
+     r"k_cache has shape \(2, 3, 6, 8\), expected \(2, 2, 6, 8\)"),
+    ("decode_attention", dict(v_cache=t(2, 2, 5, 8)), ValueError, r"v_cache has shape \(2, 2, 5, 8\)"),
+    ("decode_attention", dict(lengths=torch.tensor([1, 2, 3])), ValueError, r"lengths has shape \(3,\)"),
+    ("decode_attention", dict(lengths=torch.tensor([1.0, 2.0])), ValueError, r"lengths must be int32/int64"),
+    ("decode_attention", dict(lengths=torch.tensor([1, 2], dtype=torch.int16)), ValueError,
+     r"lengths must be int32/int64"),
+    ("decode_attention", dict(lengths=torch.tensor([1, 2], device="meta")), ValueError,
+     r"lengths must be int32/int64 on cpu, got torch.int64 on meta"),
+    ("decode_attention", dict(q=t(2, 2, 7, 8)), ValueError, r"7 queries do not fit a cache of 6"),
+    ("decode_attention", dict(k_cache=t(2, 2, 6, 8, dtype=BF16)), ValueError, r"k_cache is torch.bfloat16"),
+    ("decode_attention", dict(v_cache=t(2, 2, 6, 8, device="meta")), ValueError, r"v_cache is on meta"),
+    ("decode_attention", INTEGER, TypeError, r"floating-point"),
+    ("bias_gelu", dict(bias=t(3)), ValueError, r"bias has shape \(3,\), expected \(8,\)"),
+    ("bias_gelu", dict(bias=t(8, dtype=F16)), ValueError, r"bias is torch.float16"),
+    ("bias_gelu", dict(bias=t(8, device="meta")), ValueError, r"bias is on meta"),
+    ("bias_gelu", INTEGER, TypeError, r"floating-point"),
+    ("gelu_mlp", dict(w_fc=t(32, 9)), ValueError, r"w_fc has shape \(32, 9\)"),
+    ("gelu_mlp", dict(b_fc=t(31)), ValueError, r"b_fc has shape \(31,\)"),
+    ("gelu_mlp", dict(w_proj=t(32, 8)), ValueError, r"w_proj has shape \(32, 8\), expected \(8, 32\)"),
+    ("gelu_mlp", dict(b_proj=t(32)), ValueError, r"b_proj has shape \(32,\)"),
+    ("gelu_mlp", dict(w_proj=t(8, 32, dtype=BF16)), ValueError, r"w_proj is torch.bfloat16"),
+    ("gelu_mlp", dict(b_fc=t(32, device="meta")), ValueError, r"b_fc is on meta"),
+    ("gelu_mlp", INTEGER, TypeError, r"floating-point"),
+    ("sample", dict(logits=t(2, 5, device="meta"), generator=torch.Generator()), ValueError,
+     r"generator is on cpu but logits are on meta"),
+]
+
+
+def _case_id(case):
+    op, change, _, _ = case
+    return f"{op}-{'int' if change is INTEGER else '-'.join(change)}"
+
+
+@pytest.mark.parametrize("op,change,error,match", BAD_INPUTS, ids=map(_case_id, BAD_INPUTS))
+def test_bad_inputs_raise_naming_the_problem(op, change, error, match):
+    kwargs = valid_kwargs(op)
+    if change is INTEGER:
+        kwargs = {k: v.long() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    else:
+        kwargs |= change
+    with pytest.raises(error, match=f"^{op}: .*{match}"):
+        getattr(ops, op)(**kwargs)
+
+
+def test_valid_kwargs_are_valid():
+    """The cases above fail for the reason they name, not because the base arguments were wrong."""
+    for op in registry.OPS:
+        out = getattr(ops, op)(**valid_kwargs(op))
+        assert out.numel() > 0 and (out.dtype == torch.int64 or torch.isfinite(out).all()), op
