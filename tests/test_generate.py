@@ -1,0 +1,230 @@
+"""Generation: the KV cache against full recomputation, padding, seeds, streaming, greedy vs HF, eos, checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_logits_close, build_pair, hf_greedy, random_ids
+
+V = 101
+N_POSITIONS = 64
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return build_pair(seed=7, vocab_size=V, n_positions=N_POSITIONS, n_embd=60, n_head=5, n_layer=2)
+
+
+@pytest.fixture(scope="module")
+def model(pair):
+    return pair[1]
+
+
+def greedy_alone(model, prompt: torch.Tensor, new: int) -> torch.Tensor:
+    """The greedy continuation of one unpadded prompt [T] -> [new]."""
+    return model.generate(prompt[None], new, do_sample=False)[0, prompt.numel():]
+
+
+# ---- the KV cache ----
+
+@torch.no_grad()
+def test_cached_decoding_matches_full_recomputation(model):
+    seq = random_ids(V, 2, 5, seed=1)
+    cache = model.new_cache(2, capacity=20)
+    assert_logits_close(model(seq, cache)[:, -1], model(seq)[:, -1], rel=1e-5)
+    for step in range(12):
+        next_ids = random_ids(V, 2, 1, seed=100 + step)
+        seq = torch.cat([seq, next_ids], dim=1)
+        cached = model(next_ids, cache)
+        assert cached.shape == (2, 1, V)
+        assert_logits_close(cached[:, -1], model(seq)[:, -1], rel=1e-5)
+    assert cache.lengths.tolist() == [seq.shape[1]] * 2
+
+
+@torch.no_grad()
+def test_appending_several_tokens_to_a_cache_matches_full_recomputation(model):
+    seq = random_ids(V, 2, 10, seed=2)
+    cache = model.new_cache(2, capacity=10)
+    model(seq[:, :4], cache)
+    assert_logits_close(model(seq[:, 4:7], cache), model(seq)[:, 4:7], rel=1e-5)
+    assert_logits_close(model(seq[:, 7:], cache), model(seq)[:, 7:], rel=1e-5)
+
+
+@torch.no_grad()
+def test_ragged_cache_rows_match_each_sequence_alone(model):
+    """Right-padded prompts with input_lengths: each row continues at its own length."""
+    lengths = torch.tensor([3, 7, 5])
+    rows = [random_ids(V, 1, int(n), seed=10 + i)[0] for i, n in enumerate(lengths)]
+    padded = torch.zeros(3, 7, dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, : row.numel()] = row
+    cache = model.new_cache(3, capacity=9)
+    last = model(padded, cache, input_lengths=lengths, last_only=True)[:, -1]
+    for i, row in enumerate(rows):
+        assert_logits_close(last[i], model(row[None])[0, -1], rel=1e-5)
+    next_ids = random_ids(V, 3, 1, seed=20)
+    step = model(next_ids, cache)[:, -1]
+    assert cache.lengths.tolist() == (lengths + 1).tolist()
+    for i, row in enumerate(rows):
+        assert_logits_close(step[i], model(torch.cat([row, next_ids[i]])[None])[0, -1], rel=1e-5)
+
+
+# ---- batches of prompts of different lengths ----
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_gives_each_prompt_its_own_greedy_tokens(model, side):
+    new, pad_id = 12, 7  # padding with a real token id: it must be ignored, not merely harmless
+    rows = [random_ids(V, 1, n, seed=30 + n)[0] for n in (3, 7, 5)]
+    width = max(r.numel() for r in rows)
+    ids = torch.full((3, width), pad_id)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(width - row.numel(), width) if side == "left" else slice(0, row.numel())
+        ids[i, cols], mask[i, cols] = row, 1
+    out = model.generate(ids, new, do_sample=False, attention_mask=mask)
+    assert out.shape == (3, width + new)
+    assert torch.equal(out[:, :width], ids)
+    for i, row in enumerate(rows):
+        assert torch.equal(out[i, width:], greedy_alone(model, row, new)), f"row {i}"
+
+
+def test_left_padded_batch_matches_hf_batched_greedy(pair):
+    hf, model = pair
+    ids = random_ids(V, 2, 6, seed=40)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ids[1, :2] = 0
+    ours = model.generate(ids, 16, do_sample=False, attention_mask=mask)
+    theirs = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=16, pad_token_id=0,
+                         eos_token_id=None)
+    assert torch.equal(ours, theirs)
+
+
+# ---- sampling, seeds and streaming ----
+
+@pytest.mark.parametrize("params", [{}, dict(temperature=0.7, top_k=20), dict(top_p=0.9)])
+def test_same_seed_same_tokens_different_seeds_differ(model, params):
+    ids = random_ids(V, 2, 4, seed=50)
+    first = model.generate(ids, 16, seed=0, **params)
+    assert torch.equal(model.generate(ids, 16, seed=0, **params), first)
+    assert not torch.equal(model.generate(ids, 16, seed=1, **params), first)
+    assert ((first >= 0) & (first < V)).all()
+
+
+def test_stream_yields_one_token_per_row_and_equals_generate(model):
+    ids = random_ids(V, 3, 4, seed=60)
+    steps = list(model.stream(ids, 10, seed=5, top_p=0.95))
+    assert len(steps) == 10
+    for token in steps:
+        assert token.shape == (3,) and token.dtype == torch.long
+    assert torch.equal(torch.cat([ids, torch.stack(steps, dim=1)], dim=1), model.generate(ids, 10, seed=5, top_p=0.95))
+
+
+def test_greedy_by_do_sample_false_and_by_temperature_0_equal_hf(pair):
+    hf, model = pair
+    ids = random_ids(V, 2, 8, seed=70)
+    expected = hf_greedy(hf, ids, 24)
+    assert torch.equal(model.generate(ids, 24, do_sample=False), expected)
+    assert torch.equal(model.generate(ids, 24, temperature=0.0, seed=0), expected)
+    # do_sample=False wins over sampling parameters, which then do not matter.
+    assert torch.equal(model.generate(ids, 24, do_sample=False, temperature=1.5, top_p=0.5, seed=3), expected)
+
+
+def test_top_k_1_sampling_is_greedy(model):
+    ids = random_ids(V, 2, 8, seed=80)
+    greedy = model.generate(ids, 20, do_sample=False)
+    for seed in (0, 1):
+        assert torch.equal(model.generate(ids, 20, top_k=1, temperature=1.3, seed=seed), greedy)
+
+
+# ---- eos ----
+
+def test_a_finished_sequence_keeps_emitting_eos_while_others_go_on(model):
+    new = 10
+    ids = random_ids(V, 2, 6, seed=90)
+    greedy = [greedy_alone(model, ids[i], new) for i in range(2)]
+    eos = int(greedy[0][0])  # row 0 finishes at its first token
+    assert (greedy[0] != eos).any()  # left alone it would go on to other tokens, so eos must be forced
+    out = model.generate(ids, new, do_sample=False, eos_token_id=eos)
+    for i in range(2):
+        expected = greedy[i].clone()
+        hits = (expected == eos).nonzero()
+        if hits.numel():
+            expected[int(hits[0]) + 1:] = eos  # once finished, eos forever
+        assert torch.equal(out[i, 6:], expected[: out.shape[1] - 6]), f"row {i}"
+    assert (out[0, 6:] == eos).all()
+    stops = [int((g == eos).nonzero()[0]) + 1 if (g == eos).any() else new for g in greedy]
+    assert out.shape[1] == 6 + max(stops)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_generation_stops_early_when_every_sequence_has_finished(model, sampled):
+    ids = random_ids(V, 1, 5, seed=95)
+    kwargs = dict(do_sample=True, seed=11) if sampled else dict(do_sample=False)
+    free = model.generate(ids, 16, **kwargs)[0, 5:]
+    eos = int(free[3])
+    stop = int((free == eos).nonzero()[0]) + 1  # the first time eos comes, at step 3 or before
+    out = model.generate(ids, 16, eos_token_id=eos, **kwargs)
+    assert out.shape == (1, 5 + stop)
+    assert torch.equal(out[0, 5:], free[:stop])
+    assert len(list(model.stream(ids, 16, eos_token_id=eos, **kwargs))) == stop
+
+
+# ---- edges and checks ----
+
+def test_max_new_tokens_0_returns_the_input(model):
+    ids = random_ids(V, 2, 5, seed=3)
+    out = model.generate(ids, 0)
+    assert torch.equal(out, ids) and out.data_ptr() != ids.data_ptr()
+    assert list(model.stream(ids, 0)) == []
+
+
+def test_filling_the_context_exactly_is_allowed_and_one_more_is_refused(model):
+    ids = random_ids(V, 1, N_POSITIONS - 4, seed=4)
+    assert model.generate(ids, 4, do_sample=False).shape == (1, N_POSITIONS)
+    with pytest.raises(ValueError, match=rf"\+ max_new_tokens \(5\) = {N_POSITIONS + 1} is longer than the context, "
+                                         rf"n_positions = {N_POSITIONS}"):
+        model.generate(ids, 5)
+
+
+@pytest.mark.parametrize("params, match", [
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-1), "top_k must be an int >= 0"),
+    (dict(top_k=2.5), "top_k must be an int >= 0"),
+])
+def test_bad_sampling_parameters_are_refused(model, params, match):
+    ids = random_ids(V, 1, 3)
+    with pytest.raises(ValueError, match=match):
+        model.generate(ids, 4, **params)
+    with pytest.raises(ValueError, match=match):
+        next(model.stream(ids, 4, **params))
+
+
+@pytest.mark.parametrize("max_new_tokens", [-1, 2.0])
+def test_bad_max_new_tokens_is_refused(model, max_new_tokens):
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+        model.generate(random_ids(V, 1, 3), max_new_tokens)
+
+
+def test_attention_mask_with_an_empty_row_is_refused(model):
+    ids = random_ids(V, 2, 4)
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    with pytest.raises(ValueError, match="attention_mask row 1 has no tokens to attend to"):
+        model.generate(ids, 3, attention_mask=mask)
+
+
+def test_attention_mask_of_another_shape_is_refused(model):
+    ids = random_ids(V, 2, 4)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\), input_ids \(2, 4\)"):
+        model.generate(ids, 3, attention_mask=torch.ones(2, 3))
+
+
+def test_bad_prompts_are_refused(model):
+    with pytest.raises(ValueError, match=r"T >= 1"):
+        model.generate(torch.zeros(2, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.generate(torch.tensor([[V]]), 3)
