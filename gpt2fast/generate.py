@@ -59,19 +59,24 @@ def stream(model: GPT2, input_ids: torch.Tensor, max_new_tokens: int, *, do_samp
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
-    # The last step's token is never fed back, so the cache needs one position less than `total`.
-    cache = model.new_cache(ids.shape[0], capacity=total - 1)
-    logits = model._forward(ids, cache, input_lengths=lengths, last_only=True)[:, -1]
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for step in range(max_new_tokens):
-        next_ids = ops.sample(logits, temperature, top_k, top_p, generator)
-        if eos_token_id is not None:
-            next_ids = next_ids.masked_fill(finished, eos_token_id)
-            finished |= next_ids == eos_token_id
-        yield next_ids
-        if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
-            return
-        logits = model._forward(next_ids[:, None], cache, last_only=True)[:, -1]
+    was_training = model.training
+    model.eval()  # no dropout while generating, even from a model in the middle of training
+    try:
+        # The last step's token is never fed back, so the cache needs one position less than `total`.
+        cache = model.new_cache(ids.shape[0], capacity=total - 1)
+        logits = model._forward(ids, cache, input_lengths=lengths, last_only=True)[:, -1]
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for step in range(max_new_tokens):
+            next_ids = ops.sample(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                next_ids = next_ids.masked_fill(finished, eos_token_id)
+                finished |= next_ids == eos_token_id
+            yield next_ids
+            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+                return
+            logits = model._forward(next_ids[:, None], cache, last_only=True)[:, -1]
+    finally:
+        model.train(was_training)
 
 
 def generate(model: GPT2, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

@@ -136,8 +136,10 @@ def train(cfg: TrainConfig) -> dict:
 
 def _eval_record(model, train_ids, val_ids, cfg, it, start) -> dict:
     seconds = time.perf_counter() - start
-    return {"iter": it, "seconds": round(seconds, 2), "train_loss": evaluate(model, train_ids, cfg, seed=1),
-            "val_loss": evaluate(model, val_ids, cfg, seed=2)}
+    record = {"iter": it, "seconds": round(seconds, 2), "train_loss": evaluate(model, train_ids, cfg, seed=1),
+              "val_loss": evaluate(model, val_ids, cfg, seed=2)}
+    tqdm.write(f"iter {it:>6}  {seconds:7.1f} s  train loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}")
+    return record
 
 
 def save_checkpoint(model: GPT2, tokenizer, cfg: TrainConfig, history: list[dict]) -> None:

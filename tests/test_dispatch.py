@@ -166,6 +166,13 @@ def test_environment_variable_is_parsed(monkeypatch, value, expected):
 def test_environment_variable_defaults_to_auto(monkeypatch):
     monkeypatch.delenv("GPT2FAST_BACKEND", raising=False)
     assert registry._from_env() == "auto"
+    monkeypatch.setenv("GPT2FAST_BACKEND", "")
+    assert registry._from_env() == "auto"
+
+
+def test_get_backend_of_an_unknown_op_is_an_error():
+    with pytest.raises(ValueError, match=r"unknown op 'softmax'"):
+        gpt2fast.get_backend("softmax")
 
 
 def run_python_with_backend(value):
@@ -392,6 +399,9 @@ BAD_INPUTS = [
     ("decode_attention", dict(lengths=torch.tensor([1, 2], device="meta")), ValueError,
      r"lengths must be int32/int64 on cpu, got torch.int64 on meta"),
     ("decode_attention", dict(q=t(2, 2, 7, 8)), ValueError, r"7 queries do not fit a cache of 6"),
+    ("decode_attention", dict(lengths=torch.tensor([0, 2])), ValueError,
+     r"every length must be in \[Tq, S\] = \[1, 6\], got \[0, 2\]"),
+    ("decode_attention", dict(lengths=torch.tensor([3, 7])), ValueError, r"got \[3, 7\]"),
     ("decode_attention", dict(k_cache=t(2, 2, 6, 8, dtype=BF16)), ValueError, r"k_cache is torch.bfloat16"),
     ("decode_attention", dict(v_cache=t(2, 2, 6, 8, device="meta")), ValueError, r"v_cache is on meta"),
     ("decode_attention", INTEGER, TypeError, r"floating-point"),

@@ -91,7 +91,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                          f"got {lengths.dtype} on {lengths.device}")
     if Tq > S:
         raise ValueError(f"decode_attention: {Tq} queries do not fit a cache of {S} positions")
+    _check_lengths(lengths, Tq, S)
     return _dispatch("decode_attention", q.device, q, k_cache, v_cache, lengths)
+
+
+def _check_lengths(lengths: torch.Tensor, n_queries: int, capacity: int) -> None:
+    in_range = ((lengths >= n_queries) & (lengths <= capacity)).all()
+    message = f"decode_attention: every length must be in [Tq, S] = [{n_queries}, {capacity}]"
+    if lengths.device.type == "cpu":
+        if not bool(in_range):
+            raise ValueError(f"{message}, got {lengths.tolist()}")
+    else:
+        torch._assert_async(in_range, message)  # checked on the device: no host sync in the decode loop
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

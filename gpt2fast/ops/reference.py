@@ -48,13 +48,12 @@ def decode_mask(lengths: torch.Tensor, n_queries: int, cache_len: int) -> torch.
 def decode_attention(q, k_cache, v_cache, lengths):
     if q.dtype in _LOW_PRECISION:
         return decode_attention(*_fp32(q, k_cache, v_cache), lengths).to(q.dtype)
-    # Entries past a sequence's length may hold anything (NaN included): cut the cache to the longest
-    # sequence and zero the rest, since a masked score still multiplies its value (0 * NaN = NaN).
-    longest = int(lengths.max())
-    k, v = k_cache[:, :, :longest], v_cache[:, :, :longest]
-    valid = (torch.arange(longest, device=q.device) < lengths[:, None])[:, None, :, None]
-    k, v = k.masked_fill(~valid, 0.0), v.masked_fill(~valid, 0.0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=decode_mask(lengths, q.shape[2], longest))
+    # Entries past a sequence's length may hold anything (NaN included) and a masked score still
+    # multiplies its value (0 * NaN = NaN), so they are zeroed. No host sync: CUDA graphs can capture this.
+    S = k_cache.shape[2]
+    valid = (torch.arange(S, device=q.device) < lengths[:, None])[:, None, :, None]
+    k, v = k_cache.masked_fill(~valid, 0.0), v_cache.masked_fill(~valid, 0.0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=decode_mask(lengths, q.shape[2], S))
 
 
 @register("bias_gelu", REFERENCE)
@@ -119,7 +118,11 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         raise ValueError("sample: logits contain NaN")
     if (logits == -math.inf).all(dim=-1).any():
         raise ValueError("sample: a row of logits is all -inf, so no token can be drawn")
+    logits = _resolve_posinf(logits.float())
     if temperature == 0:
-        return _resolve_posinf(logits.float()).argmax(dim=-1)
+        return logits.argmax(dim=-1)
+    # Softmax ignores a shift per row; shifting the max to 0 first means no temperature, however small,
+    # can overflow the division to +inf.
+    logits = logits - logits.max(dim=-1, keepdim=True).values
     probs = filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -89,7 +89,7 @@ def _check_choice(name: str) -> str:
 
 
 def _from_env() -> str:
-    value = os.environ.get("GPT2FAST_BACKEND", "auto")
+    value = os.environ.get("GPT2FAST_BACKEND") or "auto"
     try:
         return _check_choice(value)
     except ValueError as e:
@@ -118,6 +118,8 @@ def set_backend(backend: str | None = None, **per_op: str) -> None:
 
 
 def get_backend(op: str | None = None) -> str:
+    if op is not None and op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
     current, overrides = _selection.get()
     return overrides.get(op, current) if op else current
 
@@ -135,10 +137,10 @@ def use_backend(backend: str | None = None, **per_op: str) -> Iterator[None]:
 _logged: set[str] = set()
 
 
-def _log_once(message: str) -> None:
+def _log_once(message: str, level: int = logging.WARNING) -> None:
     if message not in _logged:
         _logged.add(message)
-        log.warning(message)
+        log.log(level, message)
 
 
 def _refusal(name: str, op: str, args: tuple, kwargs: dict) -> str | None:
@@ -159,8 +161,10 @@ def resolve(op: str, device_type: str, args: tuple, kwargs: dict) -> Callable:
     choice = get_backend(op)
     if choice == "auto":
         for name in AUTO_ORDER.get(device_type, [REFERENCE]):
-            if _refusal(name, op, args, kwargs) is None:
+            reason = _refusal(name, op, args, kwargs)
+            if reason is None:
                 return _BACKENDS[name].impls[op].fn
+            _log_once(f"gpt2fast: auto skips backend {name!r} for {op} on {device_type}: {reason}", logging.INFO)
     elif choice == REFERENCE:
         pass
     else:
