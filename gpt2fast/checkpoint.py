@@ -12,8 +12,7 @@ from .model import GPT2
 
 log = logging.getLogger("gpt2fast")
 
-# HF's Conv1D stores its weight as [in, out]; nn.Linear (and F.linear) wants [out, in].
-TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# No tensor is transposed: gpt2fast keeps HF's Conv1D layout, [in, out], for every linear weight.
 # Buffers some checkpoints carry (the causal mask, a -1e4 constant): derived, never weights.
 IGNORED = (".attn.bias", ".attn.masked_bias")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -56,14 +55,11 @@ def config_to_hf(config: GPT2Config) -> dict:
 
 
 def _from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF tensor names and layouts -> ours. Accepts GPT2LMHeadModel ("transformer." prefix) and GPT2Model keys."""
-    ours = {}
-    for name, tensor in state.items():
-        name = name.removeprefix("transformer.")
-        if name == "lm_head.weight" or name.endswith(IGNORED):
-            continue  # the LM head is tied to wte (checked in load_state_dict_from_hf)
-        ours[name] = tensor.t() if name.endswith(TRANSPOSED) else tensor
-    return ours
+    """HF tensor names -> ours. Accepts GPT2LMHeadModel ("transformer." prefix) and GPT2Model keys.
+
+    lm_head.weight is dropped: the head is tied to wte (load_hf_state_dict checks they are equal)."""
+    return {name.removeprefix("transformer."): tensor for name, tensor in state.items()
+            if name != "lm_head.weight" and not name.endswith(IGNORED)}
 
 
 def load_hf_state_dict(model: GPT2, state: dict[str, torch.Tensor]) -> None:
@@ -79,8 +75,8 @@ def load_hf_state_dict(model: GPT2, state: dict[str, torch.Tensor]) -> None:
         raise KeyError(f"checkpoint does not match the config: missing tensors {missing}, unexpected tensors {unexpected}")
     for name, tensor in incoming.items():
         if tensor.shape != expected[name].shape:
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)} "
-                             f"(ours, after transposing HF's Conv1D weights), expected {tuple(expected[name].shape)}")
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(expected[name].shape)}")
     with torch.no_grad():
         for name, p in model.state_dict().items():
             p.copy_(incoming[name])
@@ -88,8 +84,7 @@ def load_hf_state_dict(model: GPT2, state: dict[str, torch.Tensor]) -> None:
 
 def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
     """Our tensors under HF GPT2LMHeadModel names; the tied lm_head.weight is left out, as HF saves it."""
-    return {f"transformer.{name}": (t.t() if name.endswith(TRANSPOSED) else t).contiguous()
-            for name, t in model.state_dict().items()}
+    return {f"transformer.{name}": t.contiguous() for name, t in model.state_dict().items()}
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -102,9 +102,10 @@ def cmd_train(args) -> None:
     model = GPT2.from_pretrained(cfg.out_dir)
     tokenizer = load_tokenizer(Path(cfg.out_dir), None if cfg.tokenizer == "char" else cfg.tokenizer)
     start = torch.tensor([tokenizer.encode("\n")])
-    sample = model.generate(start, args.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
+    n = min(args.sample_tokens, model.config.n_positions - 1)  # generation stays within the context
+    sample = model.generate(start, n, temperature=0.8, top_k=50, seed=cfg.seed)
     text = tokenizer.decode(sample[0, 1:].tolist())
-    print(f"--- sample ({args.sample_tokens} tokens, temperature 0.8, top-k 50) ---\n{text}")
+    print(f"--- sample ({n} tokens, temperature 0.8, top-k 50) ---\n{text}")
     if args.record:
         record = {"name": "train", "config": dataclasses.asdict(cfg), "environment": environment(),
                   **{k: v for k, v in result.items() if k != "out_dir"}, "sample": text}

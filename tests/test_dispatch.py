@@ -361,7 +361,7 @@ def valid_kwargs(op):
         "decode_attention": lambda: dict(q=t(2, 2, 1, 8), k_cache=t(2, 2, 6, 8), v_cache=t(2, 2, 6, 8),
                                          lengths=torch.tensor([1, 2])),
         "bias_gelu": lambda: dict(x=t(3, 8), bias=t(8)),
-        "gelu_mlp": lambda: dict(x=t(2, 8), w_fc=t(32, 8), b_fc=t(32), w_proj=t(8, 32), b_proj=t(8)),
+        "gelu_mlp": lambda: dict(x=t(2, 8), w_fc=t(8, 32), b_fc=t(32), w_proj=t(32, 8), b_proj=t(8)),
         "sample": lambda: dict(logits=t(2, 5)),
     }[op]()
 
@@ -409,11 +409,11 @@ BAD_INPUTS = [
     ("bias_gelu", dict(bias=t(8, dtype=F16)), ValueError, r"bias is torch.float16"),
     ("bias_gelu", dict(bias=t(8, device="meta")), ValueError, r"bias is on meta"),
     ("bias_gelu", INTEGER, TypeError, r"floating-point"),
-    ("gelu_mlp", dict(w_fc=t(32, 9)), ValueError, r"w_fc has shape \(32, 9\)"),
+    ("gelu_mlp", dict(w_fc=t(9, 32)), ValueError, r"w_fc has shape \(9, 32\), expected \(8, 32\)"),
     ("gelu_mlp", dict(b_fc=t(31)), ValueError, r"b_fc has shape \(31,\)"),
-    ("gelu_mlp", dict(w_proj=t(32, 8)), ValueError, r"w_proj has shape \(32, 8\), expected \(8, 32\)"),
+    ("gelu_mlp", dict(w_proj=t(8, 32)), ValueError, r"w_proj has shape \(8, 32\), expected \(32, 8\)"),
     ("gelu_mlp", dict(b_proj=t(32)), ValueError, r"b_proj has shape \(32,\)"),
-    ("gelu_mlp", dict(w_proj=t(8, 32, dtype=BF16)), ValueError, r"w_proj is torch.bfloat16"),
+    ("gelu_mlp", dict(w_proj=t(32, 8, dtype=BF16)), ValueError, r"w_proj is torch.bfloat16"),
     ("gelu_mlp", dict(b_fc=t(32, device="meta")), ValueError, r"b_fc is on meta"),
     ("gelu_mlp", INTEGER, TypeError, r"floating-point"),
     ("sample", dict(logits=t(2, 5, device="meta"), generator=torch.Generator()), ValueError,

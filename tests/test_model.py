@@ -183,14 +183,11 @@ def test_gradients_match_hf():
     loss_of(hf(ids).logits).backward()
     loss_of(model(ids)).backward()
     hf_params = dict(hf.named_parameters())
-    pairs = [("wte.weight", "transformer.wte.weight", False), ("wpe.weight", "transformer.wpe.weight", False),
-             ("h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.weight", True),
-             ("h.1.mlp.c_fc.bias", "transformer.h.1.mlp.c_fc.bias", False),
-             ("h.1.ln_2.weight", "transformer.h.1.ln_2.weight", False)]
     ours = dict(model.named_parameters())
-    for name, hf_name, transposed in pairs:
-        expected = hf_params[hf_name].grad
-        got = ours[name].grad.t() if transposed else ours[name].grad
+    for name in ("wte.weight", "wpe.weight", "h.0.attn.c_attn.weight", "h.1.mlp.c_fc.bias", "h.1.mlp.c_proj.weight",
+                 "h.1.ln_2.weight"):
+        expected = hf_params[f"transformer.{name}"].grad
+        got = ours[name].grad
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item(), msg=name)
 
 
@@ -223,3 +220,17 @@ def test_from_preset_config_builds_a_model_of_that_size():
     config = dataclasses.replace(GPT2Config.from_preset("char"), n_layer=1)
     model = GPT2(config)
     assert sum(p.numel() for p in model.parameters()) == config.num_params()
+
+
+def test_inference_head_copy_follows_changes_to_the_tied_embedding():
+    """On a CPU, inference reads a transposed copy of wte for the LM head; it must never go stale."""
+    model = GPT2(GPT2Config(vocab_size=101, n_positions=16, n_embd=24, n_layer=1, n_head=2)).eval()
+    ids = random_ids(101, 2, 5)
+    with torch.no_grad():
+        before = model(ids)
+    torch.testing.assert_close(before, model(ids).detach())  # with grad: wte itself, no copy
+    with torch.no_grad():
+        model.wte.weight.mul_(2.0)
+        after = model(ids)
+    torch.testing.assert_close(after, model(ids).detach())
+    assert not torch.allclose(before, after)

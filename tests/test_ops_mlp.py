@@ -1,9 +1,8 @@
-"""ops.bias_gelu and ops.gelu_mlp against x @ W^T + b and the tanh GELU formula, written out in fp64."""
+"""ops.bias_gelu and ops.gelu_mlp against x @ W + b (weights [in, out]) and the tanh GELU formula, in fp64."""
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import gpt2fast
 from gpt2fast import ops
@@ -16,7 +15,7 @@ def naive_gelu_tanh(x):
 
 
 def naive_linear(x, weight, bias):
-    return x.double() @ weight.double().T + bias.double()
+    return x.double() @ weight.double() + bias.double()
 
 
 def naive_gelu_mlp(x, w_fc, b_fc, w_proj, b_proj):
@@ -25,9 +24,9 @@ def naive_gelu_mlp(x, w_fc, b_fc, w_proj, b_proj):
 
 def mlp_weights(C, F_, dtype, device, seed=0, requires_grad=False):
     """Weights scaled by 1/sqrt(fan-in) so every activation stays O(1) whatever the width."""
-    tensors = (randn(F_, C, dtype=dtype, device=device, seed=seed, scale=C ** -0.5),
+    tensors = (randn(C, F_, dtype=dtype, device=device, seed=seed, scale=C ** -0.5),
                randn(F_, dtype=dtype, device=device, seed=seed + 1, scale=0.5),
-               randn(C, F_, dtype=dtype, device=device, seed=seed + 2, scale=F_ ** -0.5),
+               randn(F_, C, dtype=dtype, device=device, seed=seed + 2, scale=F_ ** -0.5),
                randn(C, dtype=dtype, device=device, seed=seed + 3, scale=0.5))
     return tuple(t.requires_grad_(requires_grad) for t in tensors)
 
@@ -77,7 +76,7 @@ def test_gelu_mlp_equals_linear_bias_gelu_linear(backend, device, dtype, shape, 
     w_fc, b_fc, w_proj, b_proj = mlp_weights(shape[-1], hidden, dtype, device, seed=7)
     with gpt2fast.use_backend(backend):
         fused = ops.gelu_mlp(x, w_fc, b_fc, w_proj, b_proj)
-        composed = F.linear(ops.bias_gelu(F.linear(x, w_fc), b_fc), w_proj, b_proj)
+        composed = ops.bias_gelu(x @ w_fc, b_fc) @ w_proj + b_proj
     # The composition rounds its hidden activations to dtype; a fused kernel may keep them in fp32.
     assert_close(fused, composed.double(), scale=3)
 
@@ -85,7 +84,7 @@ def test_gelu_mlp_equals_linear_bias_gelu_linear(backend, device, dtype, shape, 
 def test_gelu_mlp_non_contiguous_input(backend, device):
     x = randn(77, 2, 64, device=device, seed=8).transpose(0, 1)
     w_fc, b_fc, w_proj, b_proj = mlp_weights(64, 256, torch.float32, device, seed=9)
-    w_fc = w_fc.T.contiguous().T  # column-major: what a transposed HF Conv1D weight looks like
+    w_fc = w_fc.T.contiguous().T  # column-major: a transposed view, as of an nn.Linear weight
     assert not (x.is_contiguous() or w_fc.is_contiguous())
     with gpt2fast.use_backend(backend):
         y = ops.gelu_mlp(x, w_fc, b_fc, w_proj, b_proj)

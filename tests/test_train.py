@@ -22,6 +22,13 @@ def test_learning_rate_warms_up_then_decays_to_min():
     assert lrs[cfg.max_iters] == pytest.approx(cfg.min_lr) and lrs[-1] == pytest.approx(cfg.min_lr)
 
 
+def test_time_budget_anneals_the_schedule_by_the_deadline():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=10_000, max_seconds=60)
+    assert learning_rate(20, cfg, elapsed=0.0) > 0.99e-3
+    assert learning_rate(20, cfg, elapsed=30.0) == pytest.approx(0.5 * (1e-3 + 1e-4))
+    assert learning_rate(20, cfg, elapsed=61.0) == pytest.approx(cfg.min_lr)
+
+
 @needs_data
 def test_short_char_run_beats_the_bigram_model_and_saves_a_loadable_checkpoint(tmp_path):
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_iters=300, warmup_iters=30, eval_interval=100,

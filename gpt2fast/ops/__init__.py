@@ -114,13 +114,13 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 def gelu_mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor, w_proj: torch.Tensor,
              b_proj: torch.Tensor) -> torch.Tensor:
-    """GPT-2's MLP: linear(gelu_tanh(linear(x, w_fc, b_fc)), w_proj, b_proj); weights [out, in]."""
+    """GPT-2's MLP: gelu_tanh(x @ w_fc + b_fc) @ w_proj + b_proj, weights [in, out] (HF's Conv1D layout)."""
     _same_device_and_dtype("gelu_mlp", x=x, w_fc=w_fc, b_fc=b_fc, w_proj=w_proj, b_proj=b_proj)
     C = x.shape[-1]
-    F = w_fc.shape[0]
-    _shape("gelu_mlp", "w_fc", w_fc, (F, C))
+    F = w_fc.shape[-1]
+    _shape("gelu_mlp", "w_fc", w_fc, (C, F))
     _shape("gelu_mlp", "b_fc", b_fc, (F,))
-    _shape("gelu_mlp", "w_proj", w_proj, (C, F))
+    _shape("gelu_mlp", "w_proj", w_proj, (F, C))
     _shape("gelu_mlp", "b_proj", b_proj, (C,))
     return _dispatch("gelu_mlp", x.device, x, w_fc, b_fc, w_proj, b_proj)
 

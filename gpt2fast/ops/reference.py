@@ -48,11 +48,15 @@ def decode_mask(lengths: torch.Tensor, n_queries: int, cache_len: int) -> torch.
 def decode_attention(q, k_cache, v_cache, lengths):
     if q.dtype in _LOW_PRECISION:
         return decode_attention(*_fp32(q, k_cache, v_cache), lengths).to(q.dtype)
-    # Entries past a sequence's length may hold anything (NaN included) and a masked score still
-    # multiplies its value (0 * NaN = NaN), so they are zeroed. No host sync: CUDA graphs can capture this.
     S = k_cache.shape[2]
-    valid = (torch.arange(S, device=q.device) < lengths[:, None])[:, None, :, None]
-    k, v = k_cache.masked_fill(~valid, 0.0), v_cache.masked_fill(~valid, 0.0)
+    k, v = k_cache, v_cache
+    # Entries past a sequence's length may hold anything (NaN included) and a masked score still
+    # multiplies its value (0 * NaN = NaN), so they are zeroed, unless every sequence fills the cache
+    # (always so at batch 1, where the model cuts the cache to the length). That test needs the values
+    # on the host, so it is made on CPU tensors only: on a GPU no host sync, and CUDA graphs can capture this.
+    if lengths.device.type != "cpu" or not bool((lengths == S).all()):
+        valid = (torch.arange(S, device=q.device) < lengths[:, None])[:, None, :, None]
+        k, v = k_cache.masked_fill(~valid, 0.0), v_cache.masked_fill(~valid, 0.0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=decode_mask(lengths, q.shape[2], S))
 
 
@@ -65,8 +69,10 @@ def bias_gelu(x, bias):
 
 @register("gelu_mlp", REFERENCE)
 def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj):
-    # F.linear with a bias is one addmm, so bias + GELU here costs one extra pass, not two.
-    return F.linear(F.gelu(F.linear(x, w_fc, b_fc), approximate="tanh"), w_proj, b_proj)
+    # addmm adds the bias inside the matmul, so bias + GELU here costs one extra pass, not two.
+    rows = x.reshape(-1, x.shape[-1])
+    h = F.gelu(torch.addmm(b_fc, rows, w_fc), approximate="tanh")
+    return torch.addmm(b_proj, h, w_proj).view(*x.shape[:-1], w_proj.shape[-1])
 
 
 # ---- sampling: HF's logits warpers (temperature, then top-k, then top-p), then one draw ----
