@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import GPT2Config
+from .ops import linear
 
 
 @dataclass
@@ -63,8 +64,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return linear(x, self.weight, self.bias)
 
 
 class LayerNorm(nn.Module):
@@ -223,7 +223,7 @@ class GPT2(nn.Module):
         key = (w.data_ptr(), w._version, w.dtype)
         if self._head_key != key:
             self._head_t, self._head_key = w.detach().t().contiguous(), key
-        return x @ self._head_t
+        return linear(x, self._head_t)
 
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
         return KVCache.allocate(self.config, batch, capacity or self.config.n_positions, self.dtype, self.device)

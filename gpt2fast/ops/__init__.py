@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import reference  # noqa: F401  (registers the reference backend)
+from .reference import linear  # a plain matmul helper, not a dispatched op: PyTorch's BLAS serves every device
 from .registry import (
     OPS,
     backends,
@@ -22,7 +23,7 @@ from .registry import (
 
 __all__ = [
     "OPS", "backends", "get_backend", "register", "register_backend", "set_backend", "use_backend",
-    "layer_norm", "causal_attention", "decode_attention", "gelu_mlp", "bias_gelu", "sample",
+    "layer_norm", "causal_attention", "decode_attention", "gelu_mlp", "bias_gelu", "sample", "linear",
 ]
 
 

