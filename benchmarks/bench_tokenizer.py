@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gpt2fast.data import default_data_dir
+from gpt2fast.env_info import environment
 from gpt2fast.tokenizer import Tokenizer, load_vocabulary
 
-DEFAULT_DATA = Path(os.environ.get("GPT2FAST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+DEFAULT_DATA = default_data_dir()
 ENGINES = ("tiktoken", "python")
 
 
@@ -72,8 +72,8 @@ def main() -> None:
           f"median of {args.runs} runs\n")
     print(markdown_table(results))
     if args.out:
-        meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
-        report = {"benchmark": "tokenizer", "text": "tinyshakespeare.txt", "runs": args.runs, **meta, "results": results}
+        report = {"benchmark": "tokenizer", "text": "tinyshakespeare.txt", "runs": args.runs, "results": results,
+                  "environment": environment()}
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 

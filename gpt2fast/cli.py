@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -94,6 +95,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_train(args) -> None:
+    started = time.perf_counter()
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     result = train(cfg)
@@ -107,8 +109,10 @@ def cmd_train(args) -> None:
     text = tokenizer.decode(sample[0, 1:].tolist())
     print(f"--- sample ({n} tokens, temperature 0.8, top-k 50) ---\n{text}")
     if args.record:
+        # wall_seconds: the whole command after start-up: data, training, evaluation, saving, sampling.
         record = {"name": "train", "config": dataclasses.asdict(cfg), "environment": environment(),
-                  **{k: v for k, v in result.items() if k != "out_dir"}, "sample": text}
+                  **{k: v for k, v in result.items() if k != "out_dir"},
+                  "wall_seconds": round(time.perf_counter() - started, 1), "sample": text}
         Path(args.record).parent.mkdir(parents=True, exist_ok=True)
         Path(args.record).write_text(json.dumps(record, indent=2) + "\n")
         print(f"recorded -> {args.record}")

@@ -117,7 +117,7 @@ def train(cfg: TrainConfig) -> dict:
     history: list[dict] = []
     start = time.perf_counter()
     tokens_per_iter = cfg.batch_size * cfg.block_size
-    bar = tqdm(range(cfg.max_iters), disable=not cfg.progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(range(cfg.max_iters), disable=not cfg.progress, desc="train", dynamic_ncols=True, mininterval=0.5)
     it = 0
     for it in bar:
         if it % cfg.eval_interval == 0 and it > 0:
