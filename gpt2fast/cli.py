@@ -85,10 +85,13 @@ def cmd_generate(args) -> None:
         prompt = [tokenizer.eot_token] if isinstance(tokenizer, Tokenizer) else tokenizer.encode("\n")
     ids = torch.tensor([prompt], device=model.device)
     eos = tokenizer.eot_token if isinstance(tokenizer, Tokenizer) else None
-    steps = model.stream(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    room = model.config.n_positions - len(prompt)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else max(0, min(200, room))
+    steps = model.stream(ids, max_new, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, eos_token_id=eos)
-    sys.stdout.write(args.prompt)
-    for piece in stream_text(tokenizer, (int(t[0]) for t in steps)):
+    pieces = stream_text(tokenizer, (int(t[0]) for t in steps))
+    sys.stdout.write(args.prompt + next(pieces, ""))  # the first step runs every check before anything prints
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -172,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-weights", action="store_true", help="build --model from its preset, untrained")
     g.add_argument("--tokenizer", default=None, help="a GPT-2 vocabulary (folder or .tiktoken file)")
     g.add_argument("--prompt", default="")
-    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: 200, or what the context has room for after the prompt")
     g.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
@@ -205,3 +209,5 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise SystemExit(f"gpt2fast {args.command}: error: {e}") from None
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly
+        sys.stderr.close()

@@ -6,7 +6,7 @@ the sub-layer output not yet added to the residual stream and returns (normed, n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,11 @@ class KVCache:
     v: torch.Tensor
     lengths: torch.Tensor  # [B] int64
     filled: int = 0  # host-side upper bound of lengths, so capacity checks need no device sync
+    # Set by start_step for the forward in flight: the lengths after it, and where its tokens go.
+    step_lengths: torch.Tensor | None = field(default=None, init=False)
+    _rows: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _slots: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _used: int = field(default=0, init=False, repr=False)
 
     @classmethod
     def allocate(cls, config: GPT2Config, batch: int, capacity: int, dtype, device) -> "KVCache":
@@ -56,7 +61,7 @@ class KVCache:
 
 class Linear(nn.Module):
     """y = x @ weight + bias with weight stored [in, out]: the layout of HF's Conv1D, so checkpoints load
-    untransposed, and the one a CPU streams twice as fast when only a few rows come (decoding)."""
+    untransposed, and the orientation CPU BLAS streams fastest when only a few rows come (decoding)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
