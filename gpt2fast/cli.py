@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -209,5 +210,6 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise SystemExit(f"gpt2fast {args.command}: error: {e}") from None
-    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly
-        sys.stderr.close()
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as Python's docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
