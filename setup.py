@@ -7,6 +7,7 @@ with another project's.
 from setuptools import find_packages, setup
 
 packages = [p for p in find_packages(include=["gpt2fast", "gpt2fast.*"])] + ["gpt2fast.kernels"]
+TRITON = "triton>=3.6; platform_system == 'Linux'"
 
 setup(
     name="gpt2fast",
@@ -25,7 +26,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "scipy", "transformers>=4.45", "pytest-benchmark"],
+        # Triton ships Linux wheels only; the kernels run on an NVIDIA GPU, or on the CPU under TRITON_INTERPRET=1.
+        "triton": [TRITON],
+        "test": ["pytest", "hypothesis", "scipy", "transformers>=4.45", "pytest-benchmark", TRITON],
         "bench": ["matplotlib", "transformers>=4.45", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["gpt2fast = gpt2fast.cli:main"]},

@@ -1,20 +1,27 @@
 """Fixtures and helpers shared by the op tests.
 
 `backend` runs a test once per registered backend that can run on this machine (the reference
-`torch` always; Triton under TRITON_INTERPRET=1 or on a GPU; CUDA where built), and `device` once
-per device (cpu always, cuda when present). Op tests compare against fp64 math written out in the
-test files, never against the reference backend, so the reference is tested too.
+`torch` always; Triton on a GPU, else on the CPU under TRITON_INTERPRET=1, which this file sets; CUDA
+where built), and `device` once per device (cpu always, cuda when present). Op tests compare against
+fp64 math written out in the test files, never against the reference backend, so the reference is
+tested too.
 
 Tests marked `gpu` run full GPT-2 shapes and are skipped without CUDA.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from gpt2fast import ops
-
 CUDA = torch.cuda.is_available()
+# Without a GPU the Triton kernels run on the CPU in triton's interpreter, chosen when they are
+# decorated, so before gpt2fast (and through it the kernels) is imported.
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from gpt2fast import ops  # noqa: E402
 
 AVAILABLE_BACKENDS = [name for name, b in ops.backends().items() if b.unavailable_reason() is None]
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
