@@ -28,7 +28,7 @@ setup(
     extras_require={
         # Triton ships Linux wheels only; the kernels run on an NVIDIA GPU, or on the CPU under TRITON_INTERPRET=1.
         "triton": [TRITON],
-        "test": ["pytest", "hypothesis", "scipy", "transformers>=4.45", "pytest-benchmark", TRITON],
+        "test": ["pytest", "hypothesis", "scipy", "transformers>=4.45", "pytest-benchmark", "matplotlib", TRITON],
         "bench": ["matplotlib", "transformers>=4.45", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["gpt2fast = gpt2fast.cli:main"]},

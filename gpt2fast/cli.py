@@ -1,4 +1,4 @@
-"""`python -m gpt2fast` (and the `gpt2fast` script): generate, train, bigram, backends."""
+"""`python -m gpt2fast` (and the `gpt2fast` script): generate, train, bigram, backends, bench."""
 from __future__ import annotations
 
 import argparse
@@ -156,6 +156,12 @@ def cmd_backends(args) -> None:
           + "; on cpu: " + " > ".join(registry.AUTO_ORDER["cpu"]))
 
 
+def cmd_bench(args) -> None:
+    from .bench.runner import main as bench
+
+    bench(args)
+
+
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -200,6 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("backends", help="list the op backends and why each is or is not available")
     k.set_defaults(func=cmd_backends)
+
+    m = sub.add_parser("bench", help="time every op and the whole model against PyTorch, transformers and the "
+                                     "device's measured limits; write JSON, markdown and plots")
+    m.add_argument("--ops", default=None, help="comma-separated ops (default: all): layer_norm,causal_attention,...")
+    m.add_argument("--backends", default=None, help="comma-separated op backends to measure (default: all; the "
+                                                    "torch reference always)")
+    m.add_argument("--models", default=None, help="comma-separated presets for the end-to-end runs, or none "
+                                                  "(default: gpt2 on the CPU, gpt2,gpt2-xl on CUDA)")
+    m.add_argument("--quick", action="store_true", help="fewer, smaller shapes and shorter timing: a smoke run")
+    m.add_argument("--out", default=None, help="output folder (default: benchmarks/results in a source checkout, "
+                                               "else ./gpt2fast-bench)")
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    m.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on the CPU")
+    m.add_argument("--report", default=None, metavar="RECORD",
+                   help="measure nothing: print the tables of a record (a bench-*.json, or a folder: its newest)")
+    m.add_argument("--update", default=None, metavar="README",
+                   help="with --report: write the tables between the bench table markers of this file")
+    m.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,32 @@
+"""pytest-benchmark over the end-to-end phases of `python -m gpt2fast bench` (gpt2fast/bench/e2e.py):
+prefill, first token, generate and a training step, gpt2fast and transformers on the same weights.
+
+    python -m pytest benchmarks/test_bench_model.py --benchmark-only
+    GPT2FAST_BENCH_MODELS=gpt2,gpt2-xl GPT2FAST_BENCH_QUICK=1 python -m pytest benchmarks --benchmark-only
+"""
+import os
+
+import pytest
+
+from gpt2fast.bench import e2e
+from gpt2fast.bench.suite import default_setting
+from gpt2fast.bench.timing import sync
+
+SETTING = default_setting(quick=os.environ.get("GPT2FAST_BENCH_QUICK") == "1")
+MODELS = os.environ.get("GPT2FAST_BENCH_MODELS", "gpt2").split(",")
+PHASES = [(model, phase) for model in MODELS for phase in e2e.phases(model, SETTING)]
+
+
+@pytest.mark.parametrize("model,phase,impl", [
+    pytest.param(model, phase, impl, id=f"{model}-{phase.name}-batch{phase.batch}-{impl}")
+    for model, phase in PHASES for impl in phase.runs])
+def test_model(benchmark, model, phase, impl):
+    fn = phase.runs[impl]()
+    benchmark.group = f"{model} {phase.name} batch {phase.batch}"
+    benchmark.extra_info["tokens_per_call"] = phase.tokens
+
+    def call():
+        fn()
+        sync(SETTING.device)
+
+    benchmark.pedantic(call, rounds=3, warmup_rounds=1)

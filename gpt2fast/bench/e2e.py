@@ -1,0 +1,183 @@
+"""End to end: the whole model, gpt2fast against transformers' GPT2LMHeadModel on the same random
+weights of a preset's real size.
+
+Phases are declarative like the op cases: a name, a batch, the tokens one call handles, and one factory
+per implementation (set-up is never timed, and only one implementation's training state lives at a
+time). `rows` turns their timings into tokens/s against a bound: decode against the copy bandwidth
+(every weight is read once per step), prefill and training against the matmul peak (2 and 6 flops per
+parameter per token; for training the fraction is the MFU).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..checkpoint import config_to_hf
+from ..config import GPT2Config
+from ..model import GPT2
+from ..train import loss_fn
+from .suite import Setting, dtype_name
+from .timing import Timing
+
+OURS, PEER = "gpt2fast", "transformers"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    prompt: int  # prompt tokens per sequence (prefill, first token, generate)
+    new_tokens: int  # tokens generated per sequence in the generate phase
+    decode_batches: tuple[int, ...]
+    prefill_batch: int
+    train_batch: int
+    train_len: int
+
+
+SIZES = {
+    "cuda": Sizes(prompt=512, new_tokens=128, decode_batches=(1, 16, 64), prefill_batch=8, train_batch=2, train_len=1024),
+    "cuda quick": Sizes(prompt=128, new_tokens=16, decode_batches=(1,), prefill_batch=1, train_batch=1, train_len=256),
+    "cpu": Sizes(prompt=128, new_tokens=32, decode_batches=(1,), prefill_batch=1, train_batch=1, train_len=128),
+    "cpu quick": Sizes(prompt=32, new_tokens=8, decode_batches=(1,), prefill_batch=1, train_batch=1, train_len=32),
+}
+
+
+def sizes(s: Setting, config: GPT2Config) -> Sizes:
+    z = SIZES[s.size]
+    # Small presets (the char model) have short contexts: keep prompt and generated tokens inside them.
+    prompt = min(z.prompt, config.n_positions // 2)
+    return Sizes(prompt, min(z.new_tokens, config.n_positions - prompt), z.decode_batches, z.prefill_batch,
+                 z.train_batch, min(z.train_len, config.n_positions))
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # "prefill", "first token", "generate" or "train step"
+    batch: int
+    tokens: int  # per call: prompt tokens read (prefill, first token), tokens made (generate), tokens trained
+    runs: dict[str, Callable[[], Callable[[], object]]]  # implementation -> factory of the call to time
+
+
+def phases(preset: str, s: Setting) -> list[Phase]:
+    config = GPT2Config.from_preset(preset)
+    z = sizes(s, config)
+    models = functools.cache(lambda: _inference_models(config, s))
+
+    def ids(batch, length):
+        return torch.randint(0, config.vocab_size, (batch, length), device=s.device)
+
+    def forward(batch):
+        x = ids(batch, z.prompt)
+        return {OURS: lambda: _inference(functools.partial(models()[OURS], x)),
+                PEER: lambda: _inference(functools.partial(models()[PEER], input_ids=x, use_cache=False))}
+
+    def generate(batch, n):
+        x = ids(batch, z.prompt)
+        # min_new_tokens: random weights may draw the end-of-text token; both sides make n tokens
+        hf_kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                     pad_token_id=0)
+        return {OURS: lambda: functools.partial(models()[OURS].generate, x, n, do_sample=False),
+                PEER: lambda: _inference(functools.partial(models()[PEER].generate, x, **hf_kw))}
+
+    def train_step(batch):
+        x, y = ids(batch, z.train_len), ids(batch, z.train_len)
+
+        def ours():
+            models.cache_clear()  # the inference models go before a training model and its optimizer state come
+            return _train_step(_training_model(GPT2, config, s), lambda m: loss_fn(m, x, y))
+
+        def peer():
+            models.cache_clear()
+            return _train_step(_training_model(_hf_model, config, s), lambda m: m(input_ids=x, labels=y).loss)
+        return {OURS: ours, PEER: peer}
+
+    out = [Phase("prefill", z.prefill_batch, z.prefill_batch * z.prompt, forward(z.prefill_batch))]
+    for b in z.decode_batches:
+        out += [Phase("first token", b, b * z.prompt, generate(b, 1)),
+                Phase("generate", b, b * z.new_tokens, generate(b, z.new_tokens))]
+    return out + [Phase("train step", z.train_batch, z.train_batch * z.train_len, train_step(z.train_batch))]
+
+
+def _hf_model(config: GPT2Config):
+    import transformers
+
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**config_to_hf(config)))
+
+
+def _inference_models(config: GPT2Config, s: Setting) -> dict:
+    torch.manual_seed(0)
+    with torch.device(s.device):  # built where they run: no multi-GB copy from the host for the large presets
+        hf = _hf_model(config).to(s.dtype).eval()
+        return {OURS: GPT2.from_hf(hf), PEER: hf}
+
+
+def _inference(fn):
+    def call():
+        with torch.inference_mode():
+            return fn()
+    return call
+
+
+def _training_model(build, config: GPT2Config, s: Setting):
+    """Weights in the run's dtype on the device, random, since a step's cost does not depend on their values.
+
+    Not fp32 weights under autocast: gpt2fast's ops take one dtype per call, so both models train in the
+    run's dtype throughout (weights, activations, optimizer state).
+    """
+    with torch.device(s.device):
+        return build(config).to(s.dtype).train()
+
+
+def _train_step(model, loss_of):
+    """One optimizer step: forward and loss, backward, fused AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        loss_of(model).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def weight_bytes(config: GPT2Config, dtype: torch.dtype) -> int:
+    """Bytes a decode step must read: every weight but the position table (one row of it per token)."""
+    return (config.num_params() - config.n_positions * config.n_embd) * dtype.itemsize
+
+
+def rows(preset: str, s: Setting, measured: list[tuple[Phase, str, Timing]],
+         ceilings: dict) -> tuple[list[dict], list[dict]]:
+    """End-to-end rows from (phase, implementation, timing) triples, and the rows that could not be made.
+
+    Decode is what a generate call spends past its first token: time(generate n) - time(first token), for
+    n - 1 tokens per sequence (its spread is generate's, shifted by the first token's median).
+    """
+    config = GPT2Config.from_preset(preset)
+    params = config.num_params()
+    peak = ceilings["matmul_tflops"][dtype_name(s.dtype)] * 1e12
+    steps_per_s = ceilings["copy_gbps"] * 1e9 / weight_bytes(config, s.dtype)  # decode steps the bandwidth allows
+    flops_per_token = {"prefill": 2 * params, "first token": 2 * params, "train step": 6 * params}
+    first = {(p.batch, impl): t for p, impl, t in measured if p.name == "first token"}
+    out, skipped = [], []
+    for phase, impl, t in measured:
+        name, tokens = phase.name, phase.tokens
+        if name == "generate":
+            if (phase.batch, impl) not in first:
+                continue
+            name, tokens, t = "decode", tokens - phase.batch, t.shifted(first[phase.batch, impl].median_s)
+            bound, bound_by = phase.batch * steps_per_s, "copy bandwidth"
+            if t.median_s <= 0:
+                skipped.append(dict(op="end to end", case=f"{preset} decode batch {phase.batch}", impl=impl,
+                                    reason="generate took no longer than its first token: too noisy to time decode"))
+                continue
+        else:
+            bound, bound_by = peak / flops_per_token[name], "matmul peak"
+        out.append(dict(model=preset, params=params, phase=name, impl=impl, batch=phase.batch, tokens=tokens,
+                        median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, reps=t.reps,
+                        tokens_per_s=tokens / t.median_s, bound_tokens_per_s=bound, bound_by=bound_by,
+                        fraction_of_bound=tokens / t.median_s / bound))
+    peers = {(r["phase"], r["batch"]): r["median_s"] for r in out if r["impl"] == PEER}
+    for r in out:
+        peer = peers.get((r["phase"], r["batch"]))
+        r["speedup_over_transformers"] = peer / r["median_s"] if peer else None
+    return out, skipped

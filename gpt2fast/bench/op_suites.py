@@ -1,0 +1,191 @@
+"""The per-op suites: shapes, inputs, the work a call must do, and the peers each op is measured against.
+
+GPU shapes are GPT-2's (small: width 768, xl: 1600; 1024-token context); CPU shapes are cut so that the
+whole CPU run takes minutes. Backends are not named here: every registered one is measured (suite.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .suite import Case, Impl, Setting, nbytes, suite
+
+EPS = 1e-5
+VOCAB = 50257
+
+
+# ---- layer_norm: memory-bound; with a residual it also adds and writes the new residual stream ----
+
+def _unfused(norm):
+    """A LayerNorm as the op computes it, from an unfused norm(h, weight, bias, eps): add, then normalise."""
+    def layer_norm(x, weight, bias, eps, residual):
+        h = x if residual is None else x + residual
+        y = norm(h, weight, bias, eps)
+        return y if residual is None else (y, h)
+    return layer_norm
+
+
+def _torch_layer_norm(h, weight, bias, eps):
+    return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+
+
+def _liger_layer_norm(h, weight, bias, eps):
+    from liger_kernel.ops.layer_norm import LigerLayerNormFunction  # optional: skipped where it does not import
+    return LigerLayerNormFunction.apply(h, weight, bias, eps)
+
+
+def _layer_norm_bytes(x, weight, bias, eps, residual):
+    writes = 2 if residual is not None else 1  # y, and h = x + residual
+    return nbytes(x, weight, bias, residual) + writes * nbytes(x)
+
+
+@suite("layer_norm")
+def layer_norm(s: Setting) -> list[Case]:
+    shapes = s.pick(gpu=[(8192, 768), (65536, 768), (8192, 1600)], cpu=[(2048, 768), (8192, 768), (2048, 1600)],
+                    quick=[(1024, 768)])
+    peers = {"F.layer_norm": Impl(_unfused(_torch_layer_norm)), "liger": Impl(_unfused(_liger_layer_norm))}
+
+    def case(rows, width, residual):
+        def make_args():
+            r = s.randn(rows, width) if residual else None
+            return s.randn(rows, width), s.randn(width), s.randn(width), EPS, r
+        return Case("layer_norm", f"{rows}x{width}" + (" +residual" if residual else ""),
+                    dict(rows=rows, width=width, residual=residual), make_args, _layer_norm_bytes, "bytes", peers)
+
+    return [case(rows, width, residual) for rows, width in shapes for residual in (False, True)]
+
+
+# ---- bias_gelu: the fused epilogue, memory-bound ----
+
+@suite("bias_gelu")
+def bias_gelu(s: Setting) -> list[Case]:
+    shapes = s.pick(gpu=[(8192, 3072)], cpu=[(2048, 3072)], quick=[(256, 3072)])
+    peers = {"eager": Impl(lambda x, bias: F.gelu(x + bias, approximate="tanh"))}
+    return [Case("bias_gelu", f"{rows}x{width}", dict(rows=rows, width=width),
+                 lambda rows=rows, width=width: (s.randn(rows, width), s.randn(width)),
+                 lambda x, bias: nbytes(x, bias, x), "bytes", peers)
+            for rows, width in shapes]
+
+
+# ---- causal_attention (prefill): compute-bound ----
+
+SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                 SDPBackend.MATH)
+
+
+def _causal_sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _causal_flops(q, k, v):
+    B, H, T, D = q.shape
+    return 2 * (2 * B * H * T * T * D) // 2  # QK^T and PV, 2*T*T*D flops each per head; the mask halves both
+
+
+@suite("causal_attention")
+def causal_attention(s: Setting) -> list[Case]:
+    shapes = s.pick(gpu=[(8, 12, 1024, 64), (4, 25, 1024, 64)], cpu=[(1, 12, 512, 64), (1, 25, 512, 64)],
+                    quick=[(1, 12, 128, 64)])
+    # One peer per SDPA kernel; the device lacks some (the CPU has flash and math only): their first call says so.
+    peers = {f"sdpa {b.name.removesuffix('_ATTENTION').lower()}": Impl(_causal_sdpa, context=lambda b=b: sdpa_kernel(b))
+             for b in SDPA_BACKENDS}
+    return [Case("causal_attention", "x".join(map(str, shape)), dict(zip("BHTD", shape)),
+                 lambda shape=shape: tuple(s.randn(*shape) for _ in range(3)), _causal_flops, "flops", peers)
+            for shape in shapes]
+
+
+# ---- decode_attention: one new token per sequence against its KV cache, memory-bound ----
+
+def _sdpa_length_mask(q, k_cache, v_cache, lengths):
+    valid = torch.arange(k_cache.shape[2], device=q.device) < lengths[:, None]  # [B, S]
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid[:, None, None, :])
+
+
+def _decode_bytes(q, k_cache, v_cache, lengths):
+    B, H, _, D = k_cache.shape
+    cache_read = 2 * H * D * k_cache.element_size() * int(lengths.sum())  # only the valid entries must be read
+    return 2 * nbytes(q) + cache_read + nbytes(lengths)  # q read, output written (same shape)
+
+
+@suite("decode_attention")
+def decode_attention(s: Setting) -> list[Case]:
+    shapes = s.pick(gpu=[(16, 12, 1024, 64)], cpu=[(4, 12, 512, 64)], quick=[(2, 12, 128, 64)])
+
+    def make_args(B, H, S, D):
+        lengths = torch.randint(S // 2, S + 1, (B,), device=s.device)  # a batch of sequences at different lengths
+        return s.randn(B, H, 1, D), s.randn(B, H, S, D), s.randn(B, H, S, D), lengths
+
+    return [Case("decode_attention", f"B{B} H{H} cache {S} D{D}", dict(B=B, H=H, S=S, D=D),
+                 lambda shape=(B, H, S, D): make_args(*shape), _decode_bytes, "bytes",
+                 {"sdpa + length mask": Impl(_sdpa_length_mask)})
+            for B, H, S, D in shapes]
+
+
+# ---- gelu_mlp: two matmuls around a GELU, compute-bound ----
+
+def _eager_mlp(x, w_fc, b_fc, w_proj, b_proj):
+    return torch.addmm(b_proj, F.gelu(torch.addmm(b_fc, x, w_fc), approximate="tanh"), w_proj)
+
+
+def _matmuls_only(x, w_fc, b_fc, w_proj, b_proj):
+    return (x @ w_fc) @ w_proj  # the floor: the same matmuls with nothing around them
+
+
+def _mlp_flops(x, w_fc, b_fc, w_proj, b_proj):
+    return 2 * 2 * x.shape[0] * w_fc.shape[0] * w_fc.shape[1]  # two matmuls of rows x width x hidden
+
+
+@suite("gelu_mlp")
+def gelu_mlp(s: Setting) -> list[Case]:
+    shapes = s.pick(gpu=[(8192, 768, 3072)], cpu=[(512, 768, 3072)], quick=[(64, 768, 3072)])
+    compiled = ("not run with --quick on the CPU: compiling takes longer than the whole run"
+                if s.quick and s.device == "cpu" else Impl(torch.compile(_eager_mlp, dynamic=False)))
+    peers = {"eager": Impl(_eager_mlp), "torch.compile": compiled, "matmuls only": Impl(_matmuls_only)}
+
+    def make_args(rows, width, hidden):
+        return (s.randn(rows, width), s.randn(width, hidden, scale=width**-0.5), s.randn(hidden),
+                s.randn(hidden, width, scale=hidden**-0.5), s.randn(width))
+
+    return [Case("gelu_mlp", f"{rows}x{width}->{hidden}->{width}", dict(rows=rows, width=width, hidden=hidden),
+                 lambda shape=(rows, width, hidden): make_args(*shape), _mlp_flops, "flops", peers)
+            for rows, width, hidden in shapes]
+
+
+# ---- sample: top-p over GPT-2's vocabulary ----
+
+TOP_P = 0.9
+
+
+def _hf_top_p_sample(logits, temperature, top_k, top_p, generator):
+    """transformers' sampling: logits to fp32, TemperatureLogitsWarper, TopPLogitsWarper (an ascending sort,
+    cumulative softmax, drop what stays <= 1 - top_p, keep the last), softmax, multinomial."""
+    scores = logits.float() / temperature
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    sorted_remove = cumulative <= (1 - top_p)
+    sorted_remove[..., -1:] = False
+    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
+    probs = scores.masked_fill(remove, -math.inf).softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def _sample_bytes(logits, *_):
+    return nbytes(logits) + 8 * logits.shape[0]  # the logits read, one int64 id per row written
+
+
+@suite("sample")
+def sample(s: Setting) -> list[Case]:
+    batches = s.pick(gpu=[1, 16, 256], cpu=[1, 16, 64], quick=[1])
+
+    def make_args(batch):
+        # Peaked like a trained model's logits (scale 4): the 0.9 nucleus is a few hundred tokens, not half the vocabulary.
+        generator = torch.Generator(device=s.device).manual_seed(0)
+        return s.randn(batch, VOCAB, scale=4.0), 1.0, None, TOP_P, generator
+
+    return [Case("sample", f"B{batch} V{VOCAB} top-p {TOP_P}", dict(B=batch, V=VOCAB, top_p=TOP_P),
+                 lambda batch=batch: make_args(batch), _sample_bytes, "bytes",
+                 {"HF top-p": Impl(_hf_top_p_sample)})
+            for batch in batches]
