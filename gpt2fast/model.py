@@ -172,7 +172,9 @@ class GPT2(nn.Module):
             raise TypeError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
         if input_ids.device != self.device:
             raise ValueError(f"input_ids are on {input_ids.device} but the model is on {self.device}")
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+        if torch.compiler.is_compiling() or not input_ids.numel():
+            return  # the range check reads the values: eager only (compiled, the embedding still bounds-checks)
+        if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:
             bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
@@ -219,11 +221,11 @@ class GPT2(nn.Module):
         """Logits: x @ wte^T, the head tied to the token embedding.
 
         On a CPU, x @ W with W [in, out] streams twice as fast as x @ W^T for a few rows (25 against 13
-        GB/s measured at [1, 768] x [768, 50257]), so inference there keeps a transposed copy of wte,
-        remade whenever wte changes. Training and other devices use wte itself.
+        GB/s measured at [1, 768] x [768, 50257]), so eager inference there keeps a transposed copy of
+        wte, remade whenever wte changes. Training, compiled code and other devices use wte itself.
         """
         w = self.wte.weight
-        if x.device.type != "cpu" or torch.is_grad_enabled():
+        if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return F.linear(x, w)
         key = (w.data_ptr(), w._version, w.dtype)
         if self._head_key != key:

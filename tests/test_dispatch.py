@@ -16,9 +16,8 @@ from gpt2fast.ops import registry
 @pytest.fixture(autouse=True)
 def restore_selection():
     """Whatever a test selects with set_backend is undone after it."""
-    token = registry._selection.set(registry._selection.get())
-    yield
-    registry._selection.reset(token)
+    with gpt2fast.use_backend():
+        yield
 
 
 @pytest.fixture
@@ -442,3 +441,22 @@ def test_valid_kwargs_are_valid():
     for op in registry.OPS:
         out = getattr(ops, op)(**valid_kwargs(op))
         assert out.numel() > 0 and (out.dtype == torch.int64 or torch.isfinite(out).all()), op
+
+
+def test_compiled_code_follows_the_selection(fake_registry):
+    """torch.compile reads the selection while tracing and recompiles when it changes."""
+    make_backend("cuda")
+
+    @registry.register("bias_gelu", "cuda")
+    def doubled(x, bias):
+        return 2 * reference("bias_gelu", x, bias)
+
+    x, bias = torch.randn(3, 8), torch.randn(8)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, b: ops.bias_gelu(x, b), backend="eager", fullgraph=True)
+    with gpt2fast.use_backend("torch"):
+        plain = compiled(x, bias)
+    with gpt2fast.use_backend("cuda"):
+        twice = compiled(x, bias)
+    torch.testing.assert_close(plain, reference("bias_gelu", x, bias))
+    torch.testing.assert_close(twice, 2 * plain)

@@ -234,3 +234,14 @@ def test_inference_head_copy_follows_changes_to_the_tied_embedding():
         after = model(ids)
     torch.testing.assert_close(after, model(ids).detach())
     assert not torch.allclose(before, after)
+
+
+def test_torch_compile_fullgraph_traces_the_whole_model():
+    """The dispatch, the input checks and the CPU decode paths all step aside while dynamo traces."""
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=101, n_positions=32, n_embd=64, n_layer=2, n_head=4)).eval()
+    ids = random_ids(101, 2, 9)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), model(ids))

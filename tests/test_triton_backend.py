@@ -287,8 +287,6 @@ def test_torch_compile_fullgraph_traces_the_custom_ops_forward_and_backward():
 
 
 @needs_triton
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
-                   reason="the registry reads its selection from a ContextVar, which dynamo cannot trace")
 def test_torch_compile_fullgraph_through_ops_under_use_backend():
     x, weight, bias = ln_args(64)
     residual = randn(*x.shape, device=DEVICE, seed=13)

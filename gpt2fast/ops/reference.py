@@ -26,6 +26,15 @@ def _fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
 SPLIT_K_MAX_ROWS = 8
 
 
+def _split_k_parts(rows: torch.Tensor, weight: torch.Tensor) -> int:
+    """Slices of the inner dimension for the split-K path, or 0 to use plain addmm (compiled code too:
+    the compiler picks its own matmul)."""
+    if torch.compiler.is_compiling() or rows.device.type != "cpu" or rows.shape[0] > SPLIT_K_MAX_ROWS:
+        return 0
+    n = torch.get_num_threads()
+    return n if n > 1 and weight.shape[0] % n == 0 and weight.is_contiguous() else 0
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight (+ bias), weight [in, out]: PyTorch's matmul, plus one path of our own for decoding.
 
@@ -35,8 +44,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     rows = x.reshape(-1, x.shape[-1])
     K, N = weight.shape
-    n = torch.get_num_threads()
-    if x.device.type == "cpu" and rows.shape[0] <= SPLIT_K_MAX_ROWS and n > 1 and K % n == 0 and weight.is_contiguous():
+    n = _split_k_parts(rows, weight)
+    if n > 1:
         y = torch.bmm(rows.view(-1, n, K // n).transpose(0, 1), weight.view(n, K // n, N)).sum(0)
         y = y if bias is None else y + bias
     else:
