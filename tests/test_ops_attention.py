@@ -193,3 +193,15 @@ def test_decode_attention_gpt2_shapes_on_gpu(backend, dtype, Tq):
     with gpt2fast.use_backend(backend):
         y = ops.decode_attention(q, k, v, lengths_t)
     assert_close(y, naive_decode_attention(q, k, v, lengths_t))
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=_decode_id)
+def test_reference_masked_decode_path_matches_naive(case):
+    """The reference's sync-free path, which runs off the CPU, checked here on CPU tensors with NaN poison."""
+    from gpt2fast.ops.reference import decode_attention_masked
+
+    B, H, S, D, lengths, Tq = case
+    q = randn(B, H, Tq, D, seed=1, scale=2.0)
+    k, v = kv_cache(B, H, S, D, lengths, torch.float32, "cpu", seed=2, garbage=math.nan)
+    lengths_t = torch.tensor(lengths)
+    assert_close(decode_attention_masked(q, k, v, lengths_t), naive_decode_attention(q, k, v, lengths_t))
