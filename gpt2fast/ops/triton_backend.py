@@ -161,3 +161,76 @@ def _bias_gelu_supports(x, bias) -> Optional[str]:
 @register("bias_gelu", NAME, supports=_bias_gelu_supports)
 def bias_gelu(x, bias):
     return bias_gelu_op(x, bias)
+
+
+# ---- gelu_mlp ----
+
+
+@torch.library.custom_op("gpt2fast::gelu_mlp_triton", mutates_args=())
+def gelu_mlp_op(x: Tensor, w_fc: Tensor, b_fc: Tensor, w_proj: Tensor, b_proj: Tensor,
+                save_pre: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, act, pre): act = gelu_tanh(pre), pre = x @ w_fc + b_fc, or an empty tensor unless save_pre.
+
+    The backward uses torch matmuls for the input and weight gradients and the bias_gelu backward
+    kernel for the GELU (kernels/gelu_mlp.py)."""
+    y, act, pre = _kernels("gelu_mlp").gelu_mlp_forward(x, w_fc, b_fc, w_proj, b_proj, save_pre)
+    return y, act, x.new_empty(0) if pre is None else pre
+
+
+@gelu_mlp_op.register_fake
+def _(x, w_fc, b_fc, w_proj, b_proj, save_pre):
+    hidden = x.new_empty(*x.shape[:-1], w_fc.shape[1])
+    return x.new_empty(x.shape), hidden, torch.empty_like(hidden) if save_pre else x.new_empty(0)
+
+
+def _gelu_mlp_setup_context(ctx, inputs, output):
+    x, w_fc, b_fc, w_proj, _, _ = inputs
+    _, act, pre = output
+    ctx.save_for_backward(x, w_fc, b_fc, w_proj, act, pre)
+
+
+def _gelu_mlp_backward(ctx, grad_y, _grad_act, _grad_pre):
+    x, w_fc, b_fc, w_proj, act, pre = ctx.saved_tensors
+    if pre.numel() == 0 and act.numel() > 0:  # called without save_pre: recompute it
+        pre = torch.addmm(b_fc, x.reshape(-1, x.shape[-1]), w_fc)
+    grads = _kernels("gelu_mlp").gelu_mlp_backward(grad_y, x, w_fc, w_proj, act, pre, bias_gelu_backward_op)
+    return (*grads, None)
+
+
+gelu_mlp_op.register_autograd(_gelu_mlp_backward, setup_context=_gelu_mlp_setup_context)
+
+
+@register("gelu_mlp", NAME, supports=lambda x, *weights: _device_and_dtype(x))
+def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj):
+    save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_fc, b_fc, w_proj, b_proj))
+    return gelu_mlp_op(x, w_fc, b_fc, w_proj, b_proj, save_pre)[0]
+
+
+# ---- decode_attention (inference only: no autograd) ----
+
+
+@torch.library.custom_op("gpt2fast::decode_attention_triton", mutates_args=())
+def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) -> Tensor:
+    return _kernels("decode_attention").decode_attention_forward(q, k_cache, v_cache, lengths)
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, lengths):
+    return q.new_empty(q.shape)
+
+
+def _decode_attention_supports(q, k_cache, v_cache, lengths) -> Optional[str]:
+    from gpt2fast.kernels.decode_attention import HEAD_DIMS, MAX_QUERIES
+
+    if q.shape[2] > MAX_QUERIES:
+        return f"{q.shape[2]} queries (the kernel takes 1 to {MAX_QUERIES})"
+    if q.shape[3] not in HEAD_DIMS:
+        return f"head dim {q.shape[3]} (the kernel takes {', '.join(map(str, HEAD_DIMS))})"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        return "inputs that require grad (the kernel has no backward: decoding is inference)"
+    return _device_and_dtype(q)
+
+
+@register("decode_attention", NAME, supports=_decode_attention_supports)
+def decode_attention(q, k_cache, v_cache, lengths):
+    return decode_attention_op(q, k_cache, v_cache, lengths)
