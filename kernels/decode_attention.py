@@ -42,10 +42,7 @@ def _split_kernel(Q, K, V, Lengths, M_part, L_part, Acc_part,
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, length)  # <= start for a chunk wholly past the length: no iteration
-    # A while loop: triton 3.6's interpreter cannot take range() with run-time bounds under numpy >= 2.4
-    # (triton-lang/triton#9171); compiled, the two are the same loop.
-    n0 = start
-    while n0 < end:
+    for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         valid = keys < end  # masks the loads: nothing at or past the length is read
         k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_ks + dims[None, :], mask=valid[:, None], other=0.0)
@@ -66,7 +63,6 @@ def _split_kernel(Q, K, V, Lengths, M_part, L_part, Acc_part,
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-        n0 += BLOCK_N
 
     part = bh.to(tl.int64) * num_splits + split
     tl.store(M_part + part * BLOCK_M + rows, m)

@@ -38,10 +38,7 @@ def _matmul_kernel(A, W, Bias, C, Pre, M, N, K, stride_am, stride_ak, stride_wk,
     a_ptrs = A + rows.to(tl.int64)[:, None] * stride_am + ks[None, :] * stride_ak
     w_ptrs = W + ks[:, None].to(tl.int64) * stride_wk + cols[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # A while loop: triton 3.6's interpreter cannot take range() with run-time bounds under numpy >= 2.4
-    # (triton-lang/triton#9171).
-    k = 0
-    while k < K:
+    for k in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=row_ok & (ks[None, :] < K - k), other=0.0)
         w = tl.load(w_ptrs, mask=(ks[:, None] < K - k) & col_ok, other=0.0)
         if UPCAST:
@@ -49,7 +46,6 @@ def _matmul_kernel(A, W, Bias, C, Pre, M, N, K, stride_am, stride_ak, stride_wk,
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-        k += BLOCK_K
 
     acc += tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     mask = row_ok & col_ok

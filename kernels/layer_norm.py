@@ -47,11 +47,8 @@ def _backward_kernel(DY, DH, H, W, Mean, Rstd, DX, DW_partial, DB_partial,
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK,), dtype=tl.float32)
     db = tl.zeros((BLOCK,), dtype=tl.float32)
-    # A while loop: triton 3.6's interpreter cannot take range() with run-time bounds under numpy >= 2.4
-    # (triton-lang/triton#9171); compiled, the two are the same loop.
-    row = pid
-    while row < M:
-        r = row.to(tl.int64)
+    for row in range(pid, M, tl.num_programs(0)):
+        r = tl.cast(row, tl.int64)
         h = tl.load(H + r * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(Rstd + r)
@@ -63,7 +60,6 @@ def _backward_kernel(DY, DH, H, W, Mean, Rstd, DX, DW_partial, DB_partial,
         tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
-        row += tl.num_programs(0)
     tl.store(DW_partial + pid * N + cols, dw, mask=mask)
     tl.store(DB_partial + pid * N + cols, db, mask=mask)
 

@@ -7,6 +7,7 @@ that is when triton's @jit picks its mode, the interpreter when TRITON_INTERPRET
 then; otherwise CUDA tensors only).
 """
 import importlib
+import re
 from typing import Optional
 
 import torch
@@ -37,12 +38,28 @@ def _probe() -> Optional[str]:
     _kernels("bias_gelu")  # decorated now, as the layer_norm kernels below: the interpreter if TRITON_INTERPRET=1
     _interpreted = isinstance(_kernels("layer_norm")._forward_kernel, InterpretedFunction)
     if _interpreted:
-        return None
+        return _interpreter_fault(triton.__version__)
     if not torch.cuda.is_available():
         return "no CUDA device, and TRITON_INTERPRET is not 1 (set it to run the kernels on the CPU, slowly)"
     major, minor = torch.cuda.get_device_capability()
     if torch.version.hip is None and major < 7:
         return f"the CUDA device has compute capability {major}.{minor}; Triton needs 7.0 or newer"
+    return None
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+def _interpreter_fault(triton_version: str) -> Optional[str]:
+    """Why the interpreter would fail inside the kernels, or None. Their loops have run-time bounds, which
+    triton 3.6's interpreter takes only under numpy < 2.4 (triton-lang/triton#9171, fixed after 3.6)."""
+    import numpy
+
+    if _major_minor(triton_version) <= (3, 6) and _major_minor(numpy.__version__) >= (2, 4):
+        return (f"triton {triton_version}'s interpreter fails on loops with run-time bounds under numpy "
+                f"{numpy.__version__} (triton-lang/triton#9171): install numpy<2.4 to run the kernels on the CPU")
     return None
 
 
@@ -163,6 +180,56 @@ def bias_gelu(x, bias):
     return bias_gelu_op(x, bias)
 
 
+# ---- causal_attention ----
+
+
+@torch.library.custom_op("gpt2fast::causal_attention_triton", mutates_args=())
+def causal_attention_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, lse): lse [B, H, T] fp32 is each query's log-sum-exp of its scaled scores, for the backward."""
+    return _kernels("causal_attention").causal_attention_forward(q, k, v)
+
+
+@causal_attention_op.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt2fast::causal_attention_backward_triton", mutates_args=())
+def causal_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                                 lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv)."""
+    return _kernels("causal_attention").causal_attention_backward(grad_out, q, k, v, out, lse)
+
+
+@causal_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _causal_attention_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _causal_attention_backward(ctx, grad_out, _grad_lse):
+    return causal_attention_backward_op(grad_out, *ctx.saved_tensors)
+
+
+causal_attention_op.register_autograd(_causal_attention_backward, setup_context=_causal_attention_setup_context)
+
+
+def _causal_attention_supports(q, k, v) -> Optional[str]:
+    from gpt2fast.kernels.causal_attention import HEAD_DIMS
+
+    if q.shape[3] not in HEAD_DIMS:
+        return f"head dim {q.shape[3]} (the kernel takes {', '.join(map(str, HEAD_DIMS))})"
+    return _device_and_dtype(q)
+
+
+@register("causal_attention", NAME, supports=_causal_attention_supports)
+def causal_attention(q, k, v):
+    return causal_attention_op(q, k, v)[0]
+
+
 # ---- gelu_mlp ----
 
 
@@ -234,3 +301,4 @@ def _decode_attention_supports(q, k_cache, v_cache, lengths) -> Optional[str]:
 @register("decode_attention", NAME, supports=_decode_attention_supports)
 def decode_attention(q, k_cache, v_cache, lengths):
     return decode_attention_op(q, k_cache, v_cache, lengths)
+
