@@ -6,6 +6,8 @@ picks (see `registry.py`).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import reference  # noqa: F401  (registers the reference backend)
@@ -97,14 +99,26 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return _dispatch("decode_attention", q.device, q, k_cache, v_cache, lengths)
 
 
-def _check_lengths(lengths: torch.Tensor, n_queries: int, capacity: int) -> None:
-    in_range = ((lengths >= n_queries) & (lengths <= capacity)).all()
-    message = f"decode_attention: every length must be in [Tq, S] = [{n_queries}, {capacity}]"
-    if lengths.device.type == "cpu":
-        if not bool(in_range):
-            raise ValueError(f"{message}, got {lengths.tolist()}")
+def _require(ok: torch.Tensor, message: str) -> None:
+    """ValueError(message) unless the bool tensor ok holds; off the CPU the check runs on the device,
+    asynchronously, so that the decode loop never waits for the host."""
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message)
     else:
-        torch._assert_async(in_range, message)  # checked on the device: no host sync in the decode loop
+        torch._assert_async(ok, message)
+
+
+def _check_lengths(lengths: torch.Tensor, n_queries: int, capacity: int) -> None:
+    got = f", got {lengths.tolist()}" if lengths.device.type == "cpu" else ""  # read only where no sync
+    _require(((lengths >= n_queries) & (lengths <= capacity)).all(),
+             f"decode_attention: every length must be in [Tq, S] = [{n_queries}, {capacity}]{got}")
+
+
+def _check_logit_values(logits: torch.Tensor) -> None:
+    """No NaN, and in every row a logit above -inf: checked here, so that no backend draws from such a row."""
+    _require(~torch.isnan(logits).any(), "sample: logits contain NaN")
+    _require((logits > -math.inf).any(dim=-1).all(), "sample: a row of logits is all -inf, so no token can be drawn")
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -151,4 +165,5 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
         raise TypeError(f"sample: logits must be floating point, got {logits.dtype}")
     if generator is not None and generator.device.type != logits.device.type:
         raise ValueError(f"sample: generator is on {generator.device} but logits are on {logits.device}")
+    _check_logit_values(logits)
     return _dispatch("sample", logits.device, logits, temperature, top_k, top_p, generator)

@@ -165,10 +165,6 @@ def filtered_logits(logits, temperature=1.0, top_k=None, top_p=None) -> torch.Te
 
 @register("sample", REFERENCE)
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    if torch.isnan(logits).any():
-        raise ValueError("sample: logits contain NaN")
-    if (logits == -math.inf).all(dim=-1).any():
-        raise ValueError("sample: a row of logits is all -inf, so no token can be drawn")
     logits = _resolve_posinf(logits.float())
     if temperature == 0:
         return logits.argmax(dim=-1)

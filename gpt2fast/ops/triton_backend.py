@@ -302,3 +302,25 @@ def _decode_attention_supports(q, k_cache, v_cache, lengths) -> Optional[str]:
 def decode_attention(q, k_cache, v_cache, lengths):
     return decode_attention_op(q, k_cache, v_cache, lengths)
 
+
+# ---- sample (no autograd: it draws integers) ----
+
+
+@torch.library.custom_op("gpt2fast::sample_triton", mutates_args=())
+def sample_op(logits: Tensor, temperature: float, top_k: int, top_p: float, seed: Tensor) -> Tensor:
+    return _kernels("sample").sample_forward(logits, temperature, top_k, top_p, seed)
+
+
+@sample_op.register_fake
+def _(logits, temperature, top_k, top_p, seed):
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
+@register("sample", NAME, supports=lambda logits, *params: _device_and_dtype(logits))
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # greedy: the first of equal maxima, as the reference; no kernel needed
+    # The kernel's uniforms come from Philox seeded by a draw from the generator (or torch's default one),
+    # so a seed gives the same ids and the generator's state advances, without a host sync.
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=logits.device)
+    return sample_op(logits, float(temperature), top_k or 0, 1.0 if top_p is None else float(top_p), seed)
