@@ -335,3 +335,61 @@ def test_model_on_triton_matches_the_reference(fresh_log, monkeypatch, caplog):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4 * ref_logits.abs().max().item())
     assert torch.equal(tokens, ref_tokens)
     assert fallback_records(caplog) == []  # every op the model calls ran on the backend
+
+
+@needs_triton
+def test_torch_compile_fullgraph_traces_the_whole_model_on_triton():
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=101, n_positions=32, n_embd=64, n_layer=2, n_head=4)).eval().to(DEVICE)
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    traced = set()
+
+    def record_ops(graph_module, example_inputs):
+        traced.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad(), gpt2fast.use_backend("triton"):
+        compiled = torch.compile(model, backend=record_ops, fullgraph=True)(ids)
+        eager = model(ids)
+    torch.testing.assert_close(compiled, eager)
+    assert {f"gpt2fast.{op}_triton.default" for op in ("layer_norm", "causal_attention", "gelu_mlp")} <= traced, traced
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_every_kernel():
+    """Each op captured once in a CUDA graph, replayed on new inputs copied into the captured ones."""
+    B, H, T, S, D, C = 4, 12, 77, 256, 64, 768
+    dtype = torch.bfloat16
+
+    def fresh(seed):
+        r = lambda *shape, scale=1.0: randn(*shape, dtype=dtype, device="cuda", seed=seed, scale=scale)  # noqa: E731
+        return dict(x=r(B, T, C), w=r(C, scale=0.1) + 1, b=r(C, scale=0.1), q=r(B, H, T, D), kv=r(B, H, S, D),
+                    w_fc=r(C, 4 * C, scale=C ** -0.5), w_proj=r(4 * C, C, scale=(4 * C) ** -0.5),
+                    b_fc=r(4 * C), logits=r(B, 50257, scale=4.0))
+
+    def step(t, lengths, generator):
+        y, h = ops.layer_norm(t["x"], t["w"], t["b"], 1e-5, residual=t["x"])
+        a = ops.causal_attention(t["q"], t["q"], t["q"])
+        d = ops.decode_attention(t["q"][:, :, -1:], t["kv"], t["kv"], lengths)
+        m = ops.gelu_mlp(y, t["w_fc"], t["b_fc"], t["w_proj"], t["b"])
+        return y, h, a, d, m, ops.sample(t["logits"], 0.8, 50, 0.9, generator)
+
+    lengths = torch.tensor([1, 77, 200, 256], device="cuda")
+    static = fresh(0)
+    with torch.no_grad(), gpt2fast.use_backend("triton"):
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        step(static, lengths, generator)  # compile every kernel before capture
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(generator)
+        with torch.cuda.graph(graph):
+            outputs = step(static, lengths, generator)
+        new = fresh(1)
+        for name, t in new.items():
+            static[name].copy_(t)
+        graph.replay()
+        expected = step(new, lengths, torch.Generator(device="cuda").manual_seed(0))
+    for got, want in zip(outputs[:5], expected[:5]):
+        torch.testing.assert_close(got, want)
+    ids = outputs[5].cpu()
+    assert ids.shape == (B,) and bool(((ids >= 0) & (ids < 50257)).all())
