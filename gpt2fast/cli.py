@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--report", default=None, metavar="RECORD",
                    help="measure nothing: print the tables of a record (a bench-*.json, or a folder: its newest)")
     m.add_argument("--update", default=None, metavar="README",
-                   help="with --report: write the tables between the bench table markers of this file")
+                   help="with --report: write the tables, and links to the record's plots, between the bench "
+                        "table markers of this file")
     m.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,11 +1,12 @@
 """`python -m gpt2fast bench`: a --quick CPU pass writes a well-formed record, tables and plots; a backend
 registered in the ops registry is measured with no change to the suites. Nothing here asserts a timing."""
 import json
+import os
 
 import pytest
 import torch
 
-from gpt2fast.bench import report
+from gpt2fast.bench import e2e, report
 from gpt2fast.bench.runner import measure_case
 from gpt2fast.bench.suite import SUITES, Setting, prepare
 from gpt2fast.cli import main
@@ -91,6 +92,12 @@ def test_end_to_end_rows(bench):
         assert r["speedup_over_transformers"] == pytest.approx(peer["median_s"] / r["median_s"])
 
 
+def test_compiled_static_cache_peer_is_listed_as_not_run_on_the_cpu(bench):
+    skipped = {r["case"]: r["reason"] for r in bench[2]["skipped"] if r["impl"] == e2e.COMPILED_PEER}
+    assert set(skipped) == {"char first token batch 1", "char generate batch 1"}
+    assert all("on GPUs only" in reason for reason in skipped.values())
+
+
 def test_markdown_has_a_table_per_op_and_a_line_per_row(bench):
     text = report.markdown(bench[2])
     for op in SUITES:
@@ -108,7 +115,10 @@ def test_report_prints_and_updates_the_readme_table(bench, tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.TABLE_START}\nold table\n{report.TABLE_END}\nafter\n")
     main(["bench", "--report", str(record_path), "--update", str(readme)])
-    assert readme.read_text() == f"intro\n{report.TABLE_START}\n{report.markdown(record)}\n{report.TABLE_END}\nafter\n"
+    plots = "\n".join(f"![{op}]({os.path.relpath(out / f'{record_path.stem}-{op}.png', tmp_path)})"
+                      for op in sorted(SUITES))
+    section = f"{report.markdown(record)}\n\nPlots:\n\n{plots}"
+    assert readme.read_text() == f"intro\n{report.TABLE_START}\n{section}\n{report.TABLE_END}\nafter\n"
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="no table markers"):
         main(["bench", "--report", str(record_path), "--update", str(readme)])

@@ -23,6 +23,9 @@ from .suite import Setting, dtype_name
 from .timing import Timing
 
 OURS, PEER = "gpt2fast", "transformers"
+# transformers' fast decoding: generate with a static KV cache, whose decode step generate itself
+# compiles with torch.compile (fullgraph), on GPUs only.
+COMPILED_PEER = "transformers static cache + torch.compile"
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class Phase:
     name: str  # "prefill", "first token", "generate" or "train step"
     batch: int
     tokens: int  # per call: prompt tokens read (prefill, first token), tokens made (generate), tokens trained
-    runs: dict[str, Callable[[], Callable[[], object]]]  # implementation -> factory of the call to time
+    # implementation -> factory of the call to time, or the reason it is not run in this setting
+    runs: dict[str, Callable[[], Callable[[], object]] | str]
 
 
 def phases(preset: str, s: Setting) -> list[Phase]:
@@ -77,8 +81,12 @@ def phases(preset: str, s: Setting) -> list[Phase]:
         # min_new_tokens: random weights may draw the end-of-text token; both sides make n tokens
         hf_kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                      pad_token_id=0)
+        compiled = (lambda: _inference(functools.partial(models()[PEER].generate, x, cache_implementation="static",
+                                                         **hf_kw))) if s.device == "cuda" else (
+            "transformers compiles its static-cache decode step on GPUs only")
         return {OURS: lambda: functools.partial(models()[OURS].generate, x, n, do_sample=False),
-                PEER: lambda: _inference(functools.partial(models()[PEER].generate, x, **hf_kw))}
+                PEER: lambda: _inference(functools.partial(models()[PEER].generate, x, **hf_kw)),
+                COMPILED_PEER: compiled}
 
     def train_step(batch):
         x, y = ids(batch, z.train_len), ids(batch, z.train_len)

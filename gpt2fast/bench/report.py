@@ -2,20 +2,30 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 TABLE_START = "<!-- gpt2fast bench table: start -->"
 TABLE_END = "<!-- gpt2fast bench table: end -->"
 
 
-def load(path: Path) -> dict:
-    """A record, from its JSON file or the newest one (by its recorded date) in a folder."""
-    if path.is_dir():
-        records = [json.loads(p.read_text()) for p in path.glob("bench-*.json")]
-        if not records:
-            raise FileNotFoundError(f"no bench-*.json record in {path}")
-        return max(records, key=lambda r: r["environment"]["date"])
-    return json.loads(path.read_text())
+def record_file(path: Path) -> Path:
+    """A record's JSON file: `path` itself, or the newest record (by its recorded date) in the folder `path`."""
+    if not path.is_dir():
+        return path
+    files = list(path.glob("bench-*.json"))
+    if not files:
+        raise FileNotFoundError(f"no bench-*.json record in {path}")
+    return max(files, key=lambda p: json.loads(p.read_text())["environment"]["date"])
+
+
+def readme_section(path: Path, readme: Path) -> str:
+    """The tables of the record at `path` (a file or a folder, as record_file takes), then its plots, the
+    PNGs written beside it, linked from the README's folder."""
+    path = record_file(path)
+    plots = sorted(path.parent.glob(f"{path.stem}-*.png"))
+    links = [f"![{p.stem.removeprefix(path.stem + '-')}]({os.path.relpath(p, readme.parent)})" for p in plots]
+    return markdown(json.loads(path.read_text())) + ("\n\nPlots:\n\n" + "\n".join(links) if links else "")
 
 
 def markdown(record: dict) -> str:

@@ -27,12 +27,11 @@ DEFAULT_MODELS = {"cuda": ["gpt2", "gpt2-xl"], "cpu": ["gpt2"]}
 def main(args) -> None:
     """The `bench` command; args as gpt2fast.cli parses them."""
     if args.report:
-        table = report.markdown(report.load(Path(args.report)))
         if args.update:
-            report.update_readme(Path(args.update), table)
-            print(f"updated the table in {args.update}")
+            report.update_readme(Path(args.update), report.readme_section(Path(args.report), Path(args.update)))
+            print(f"updated the tables and plots in {args.update}")
         else:
-            print(table)
+            print(report.markdown(json.loads(report.record_file(Path(args.report)).read_text())))
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
@@ -114,17 +113,21 @@ def measure_case(case: Case, s: Setting, limits: dict, budget_s: float,
 
 
 def measure_model(model: str, phases: list[e2e.Phase], s: Setting, limits: dict, bar) -> tuple[list[dict], list[dict]]:
-    """Time every phase of one model, gpt2fast and transformers; an implementation that fails a phase (out
-    of memory at a large batch, say) is recorded as skipped and the run goes on."""
+    """Time every phase of one model, gpt2fast and transformers; an implementation not run in this setting,
+    or that fails a phase (out of memory at a large batch, say), is recorded as skipped and the run goes on."""
     measured, skipped = [], []
     for phase in phases:
         bar.set_description(f"{model} {phase.name} batch {phase.batch}")
         for impl, make in phase.runs.items():
-            try:
-                measured.append((phase, impl, time_wall(make(), s.device, E2E_BUDGET_S[s.size])))
-            except Exception as e:
+            reason = make if isinstance(make, str) else None
+            if reason is None:
+                try:
+                    measured.append((phase, impl, time_wall(make(), s.device, E2E_BUDGET_S[s.size])))
+                except Exception as e:
+                    reason = f"{type(e).__name__}: {str(e).strip()[:200]}"
+            if reason:
                 skipped.append(dict(op="end to end", case=f"{model} {phase.name} batch {phase.batch}", impl=impl,
-                                    reason=f"{type(e).__name__}: {str(e).strip()[:200]}"))
+                                    reason=reason))
         bar.update()
     rows, unmade = e2e.rows(model, s, measured, limits)
     return rows, skipped + unmade
