@@ -1,13 +1,48 @@
 """Install gpt2fast.
 
-The Triton kernels live in the top-level `kernels/` folder of the source tree and are
-installed as `gpt2fast.kernels`, so that no top-level `kernels` package can collide
-with another project's.
+The Triton kernels live in the top-level `kernels/` folder of the source tree and are installed as
+`gpt2fast.kernels`, so that no top-level `kernels` package can collide with another project's.
+
+The C++/CUDA kernels in `csrc/` build into the extension module `gpt2fast._C` when torch is importable
+at build time (install with `--no-build-isolation`, so that the build sees the torch you installed):
+the CPU kernels always, the CUDA ones too where torch is a CUDA build and a CUDA compiler is found.
+GPT2FAST_NO_EXTENSION=1 skips it; without it the `cuda` backend says why and the ops use the others.
 """
+import glob
+import os
+
 from setuptools import find_packages, setup
 
 packages = [p for p in find_packages(include=["gpt2fast", "gpt2fast.*"])] + ["gpt2fast.kernels"]
 TRITON = "triton>=3.6; platform_system == 'Linux'"
+CUDA_ARCHS = ("80", "90")  # A100 and H100
+
+
+def extension():
+    """(ext_modules, cmdclass) for gpt2fast._C, or nothing where it cannot or should not be built."""
+    if os.environ.get("GPT2FAST_NO_EXTENSION") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("gpt2fast: torch is not importable while building: gpt2fast._C is not built "
+              "(pip install --no-build-isolation builds it against the installed torch)")
+        return [], {}
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    cxx = ["-O3", "-std=c++17"]
+    if torch.version.cuda and CUDA_HOME and cuda_sources:
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS)]
+        module = CUDAExtension("gpt2fast._C", sources + cuda_sources, define_macros=[("GPT2FAST_CUDA", None)],
+                               extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    else:
+        module = CppExtension("gpt2fast._C", sources, extra_compile_args={"cxx": cxx})
+    return [module], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension()
 
 setup(
     name="gpt2fast",
@@ -16,6 +51,8 @@ setup(
     python_requires=">=3.11",
     packages=packages,
     package_dir={"gpt2fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.11",
         "numpy",

@@ -12,6 +12,7 @@ import torch
 
 from . import reference  # noqa: F401  (registers the reference backend)
 from . import triton_backend  # noqa: F401  (registers the triton backend; imports triton only when probed)
+from . import cuda_backend  # noqa: F401  (registers the cuda backend; loads gpt2fast._C only when probed)
 from .reference import linear  # a plain matmul helper, not a dispatched op: PyTorch's BLAS serves every device
 from .registry import (
     OPS,
