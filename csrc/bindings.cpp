@@ -6,8 +6,57 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#ifdef GPT2FAST_CUDA
+// c10's stream and guard, not ATen/cuda/CUDAContext.h: that one needs cuBLAS's and cuSPARSE's headers,
+// which the kernels do not use (the matmuls go through ATen).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "gpt2fast.h"
+
+#ifdef GPT2FAST_CUDA
+namespace {
+
+// The kernels' element type of a tensor the binding has already checked to be fp32, fp16 or bf16.
+gpt2fast::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return gpt2fast::DType::Float32;
+    case at::kHalf: return gpt2fast::DType::Float16;
+    case at::kBFloat16: return gpt2fast::DType::BFloat16;
+    default: TORCH_CHECK(false, "no CUDA kernel takes ", t.scalar_type());
+  }
+}
+
+// `t` (called `name` in op's messages) is a CUDA tensor of a dtype the kernels take, on `like`'s device
+// and of its dtype.
+void check_cuda(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), ", expected ", like.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " is ", t.scalar_type(), ", expected ",
+              like.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
+              op, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+// Raises with the op's name if a launcher reported an error.
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+#endif  // GPT2FAST_CUDA
+
+// Each op's section holds its bindings (checks, then a launcher from gpt2fast.h), its operator schema
+// gpt2fast::<op>_cuda, and its kernels per dispatch key (CUDA ones only where built with CUDA).
+
+// ---- layer_norm ----
+
+// ---- bias_gelu and gelu_mlp ----
+
+// ---- causal_attention ----
+
+// ---- decode_attention ----
 
 namespace {
 
@@ -50,6 +99,8 @@ TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
 }
 
 TORCH_LIBRARY_IMPL(gpt2fast, CPU, m) { m.impl("sample_cuda", &sample_cpu); }
+
+// (the sample CUDA kernel's binding and TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) go here)
 
 // Python imports the module to load the operators above; it also says what was compiled in.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -19,3 +19,25 @@ int64_t sample_row_cpu(const float* logits, int64_t vocab, float temperature, in
                        uint64_t seed, uint64_t stream);
 
 }  // namespace gpt2fast
+
+#ifdef GPT2FAST_CUDA
+#include <cuda_runtime_api.h>
+
+namespace gpt2fast {
+
+// The element types of the CUDA kernels (float, __half, __nv_bfloat16); one call's tensors share one.
+// Every CUDA launcher takes the stream to launch on and returns the launch's error (cudaGetLastError).
+enum class DType : int32_t { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+
+// ---- layer_norm (CUDA) ----
+
+// ---- bias_gelu (CUDA) ----
+
+// ---- causal_attention (CUDA) ----
+
+// ---- decode_attention (CUDA) ----
+
+// ---- sample (CUDA) ----
+
+}  // namespace gpt2fast
+#endif  // GPT2FAST_CUDA

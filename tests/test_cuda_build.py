@@ -20,6 +20,13 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="no CUDA compiler (nvcc) on
 needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 
 
+def cuda_include() -> Path:
+    """The CUDA toolkit's include folder (nvcc may be a wrapper script outside the toolkit)."""
+    dryrun = subprocess.run([NVCC, "--dryrun", "-c", "-x", "cu", "/dev/null"], capture_output=True, text=True).stderr
+    top = next(line.split("=", 1)[1].strip() for line in dryrun.splitlines() if line.startswith("#$ TOP="))
+    return Path(top).resolve() / "include"
+
+
 def run(args, **kwargs):
     result = subprocess.run(args, capture_output=True, text=True, timeout=1500, **kwargs)
     assert result.returncode == 0, f"{' '.join(map(str, args))}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
@@ -42,9 +49,10 @@ def test_cmake_builds_the_kernels_and_the_standalone_programs(tmp_path):
 def test_bindings_compile_with_their_cuda_parts():
     from torch.utils.cpp_extension import include_paths
 
-    cuda_include = Path(NVCC).resolve().parent.parent / "include"
-    includes = [*include_paths(), sysconfig.get_paths()["include"], str(cuda_include), str(ROOT / "csrc")]
-    run([os.environ.get("CXX", "g++"), "-std=c++17", "-fsyntax-only", "-DGPT2FAST_CUDA",
+    includes = [*include_paths(), sysconfig.get_paths()["include"], str(cuda_include()), str(ROOT / "csrc")]
+    # A CPU build of torch ships c10's CUDA headers but not the one its CMake generates (it only sets how
+    # c10_cuda is linked): C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it, as for ROCm builds.
+    run([os.environ.get("CXX", "g++"), "-std=c++17", "-fsyntax-only", "-DGPT2FAST_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
          "-DTORCH_EXTENSION_NAME=_C", *(f"-I{p}" for p in includes), ROOT / "csrc" / "bindings.cpp"])
 
 

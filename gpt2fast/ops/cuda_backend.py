@@ -36,12 +36,13 @@ register_backend(NAME, "C++ and CUDA kernels (csrc/, gpt2fast._C)", _probe)
 
 
 def _device_and_dtype(t: Tensor, devices: tuple[str, ...]) -> Optional[str]:
-    """Why these kernels cannot take t, or None: its dtype, or a device they were not built for."""
+    """Why an op whose kernels run on `devices` cannot take t, or None."""
     if t.dtype not in DTYPES:
         return f"dtype {t.dtype} (the kernels take float32, float16, bfloat16)"
     if t.device.type not in devices:
-        built = " and ".join(d for d in devices if d in _devices) or "no device"
-        return f"tensors on {t.device}: this op's kernels built here run on {built}"
+        return f"tensors on {t.device}: this op's kernels run on {' and '.join(devices)}"
+    if t.device.type not in _devices:
+        return f"tensors on {t.device}: gpt2fast._C was built without CUDA (a CPU build of torch, or no nvcc)"
     return None
 
 
@@ -49,6 +50,18 @@ def _register_fakes() -> None:
     """Fake (meta) functions of the extension's operators, once it is loaded and they exist."""
     torch.library.register_fake("gpt2fast::sample_cuda")(
         lambda logits, temperature, top_k, top_p, seed: logits.new_empty(logits.shape[0], dtype=torch.int64))
+
+
+# ---- layer_norm ----
+
+
+# ---- bias_gelu and gelu_mlp ----
+
+
+# ---- causal_attention ----
+
+
+# ---- decode_attention ----
 
 
 # ---- sample (no autograd: it draws integers) ----
