@@ -152,8 +152,10 @@ def cmd_backends(args) -> None:
         print(f"{name:<8} {status:<12} {detail}")
     current, overrides = registry.get_backend(), {op: registry.get_backend(op) for op in registry.OPS}
     print(f"\nselected: {current}" + "".join(f"\n  {op}: {b}" for op, b in overrides.items() if b != current))
-    print("auto order on cuda: " + " > ".join(registry.AUTO_ORDER["cuda"])
-          + "; on cpu: " + " > ".join(registry.AUTO_ORDER["cpu"]))
+    for device_type in registry.AUTO_ORDER:
+        exceptions = "".join(f"; {op}: " + " > ".join(registry.auto_order(device_type, op))
+                             for op in registry.OPS if (device_type, op) in registry.AUTO_ORDER_BY_OP)
+        print(f"auto order on {device_type}: " + " > ".join(registry.AUTO_ORDER[device_type]) + exceptions)
 
 
 def cmd_bench(args) -> None:

@@ -27,6 +27,7 @@ def fake_registry(monkeypatch):
     monkeypatch.setattr(registry, "_logged", set())
     for device_type, order in registry.AUTO_ORDER.items():
         monkeypatch.setitem(registry.AUTO_ORDER, device_type, list(order))
+    monkeypatch.setattr(registry, "AUTO_ORDER_BY_OP", {})
     return registry
 
 
@@ -318,6 +319,20 @@ def test_auto_takes_the_first_available_backend_in_auto_order(fake_registry, mon
     assert ran == [8]
 
 
+def test_auto_order_per_op_overrides_the_device_order(fake_registry, monkeypatch):
+    make_backend("triton")
+    registry.register("bias_gelu", "triton")(lambda x, bias: torch.zeros_like(x))
+    registry.register("layer_norm", "triton")(lambda *a: pytest.fail("auto ran triton for an op not ranked so"))
+    monkeypatch.setitem(registry.AUTO_ORDER, "cpu", ["torch"])
+    monkeypatch.setitem(registry.AUTO_ORDER_BY_OP, ("cpu", "bias_gelu"), ["triton", "torch"])
+    x, bias = torch.randn(2, 8), torch.randn(8)
+    with gpt2fast.use_backend("auto"):
+        assert torch.count_nonzero(ops.bias_gelu(x, bias)) == 0  # triton, first for bias_gelu on the cpu
+        ops.layer_norm(x, torch.ones(8), bias)  # the device's order: torch
+    assert registry.auto_order("cpu", "bias_gelu") == ["triton", "torch"]
+    assert registry.auto_order("cpu", "layer_norm") == registry.auto_order("tpu", "layer_norm") == ["torch"]
+
+
 def small_args(op):
     g = torch.Generator().manual_seed(3)
 
@@ -337,7 +352,7 @@ def small_args(op):
 @pytest.mark.parametrize("op", registry.OPS)
 def test_auto_on_this_machine_picks_the_first_backend_that_takes_the_input(op):
     args = small_args(op)
-    takers = [b for b in map(ops.backends().get, registry.AUTO_ORDER["cpu"])
+    takers = [b for b in map(ops.backends().get, registry.auto_order("cpu", op))
               if b is not None and b.unavailable_reason() is None and op in b.impls
               and (b.impls[op].supports is None or b.impls[op].supports(*args) is None)]
     expected = takers[0].impls[op].fn if takers else ops.backends()["torch"].impls[op].fn

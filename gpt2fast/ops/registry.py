@@ -24,10 +24,17 @@ OPS = ("layer_norm", "causal_attention", "decode_attention", "gelu_mlp", "bias_g
 REFERENCE = "torch"
 CHOICES = ("auto", "torch", "triton", "cuda")
 
-# Fastest first, per device type. A backend enters only once a GPU run of the op tests and the
-# benchmarks has shown it correct and faster there: none has yet, so `auto` runs the reference, and the
-# Triton kernels are chosen by name (set_backend("triton")).
+# Fastest first, per device type, and per op where the benchmarks rank that op's backends otherwise. A
+# backend enters only once the op tests and a benchmark record in benchmarks/results/ have shown it
+# correct and faster there. No GPU run has measured the Triton or CUDA kernels yet, so on CUDA `auto`
+# runs the reference, and those kernels are chosen by name (set_backend("triton")).
 AUTO_ORDER: dict[str, list[str]] = {"cuda": [REFERENCE], "cpu": [REFERENCE]}
+AUTO_ORDER_BY_OP: dict[tuple[str, str], list[str]] = {}
+
+
+def auto_order(device_type: str, op: str) -> list[str]:
+    """The backends `auto` tries for `op` on `device_type`, fastest first."""
+    return AUTO_ORDER_BY_OP.get((device_type, op), AUTO_ORDER.get(device_type, [REFERENCE]))
 
 
 @dataclass
@@ -175,7 +182,7 @@ def resolve(op: str, device_type: str, args: tuple, kwargs: dict) -> Callable:
     """The implementation of `op` to run for these arguments."""
     choice = get_backend(op)
     if choice == "auto":
-        for name in AUTO_ORDER.get(device_type, [REFERENCE]):
+        for name in auto_order(device_type, op):
             reason = _refusal(name, op, args, kwargs)
             if reason is None:
                 return _BACKENDS[name].impls[op].fn
