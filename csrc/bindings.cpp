@@ -52,11 +52,363 @@ void check_launch(const char* op, cudaError_t err) {
 
 // ---- layer_norm ----
 
+#ifdef GPT2FAST_CUDA
+namespace {
+
+// t as [rows, width] with unit-stride columns, as the row kernels take it: a view where t's layout allows
+// one, else a dense copy.
+at::Tensor unit_stride_rows(const at::Tensor& t, int64_t width) {
+  const at::Tensor rows = t.reshape({-1, width});
+  return rows.stride(1) == 1 ? rows : rows.contiguous();
+}
+
+// (y, h, mean, rstd): h = x + residual, or an empty tensor without one (an output may not alias x); mean
+// and rstd fp32, shaped x.shape[:-1].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_cuda(const at::Tensor& x,
+                                                                           const at::Tensor& weight,
+                                                                           const at::Tensor& bias, double eps,
+                                                                           const std::optional<at::Tensor>& residual) {
+  const char* op = "layer_norm";
+  check_cuda(op, "x", x, x);
+  check_cuda(op, "weight", weight, x);
+  check_cuda(op, "bias", bias, x);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim, got a scalar");
+  const int64_t width = x.size(-1);
+  TORCH_CHECK(width >= 1 && width <= gpt2fast::layer_norm_max_width, op, ": the last dim must be 1 to ",
+              gpt2fast::layer_norm_max_width, " wide (the kernels hold a row in registers), got ", width);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == width && bias.dim() == 1 && bias.size(0) == width, op,
+              ": weight and bias must be [", width, "], got ", weight.sizes(), " and ", bias.sizes());
+  if (residual) {
+    check_cuda(op, "residual", *residual, x);
+    TORCH_CHECK(residual->sizes() == x.sizes(), op, ": residual must have x's shape ", x.sizes(), ", got ",
+                residual->sizes());
+  }
+  TORCH_CHECK(std::isfinite(eps) && static_cast<float>(eps) > 0, op, ": eps must be finite and > 0 in fp32, got ",
+              eps);
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor h = residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor mean = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty_like(mean);
+  if (x.numel() == 0) return {y, h, mean, rstd};
+  const at::Tensor x_rows = unit_stride_rows(x, width);
+  const at::Tensor residual_rows = residual ? unit_stride_rows(*residual, width) : at::Tensor();
+  const at::Tensor dense_weight = weight.contiguous(), dense_bias = bias.contiguous();
+  check_launch(op, gpt2fast::layer_norm_forward_cuda(
+                       dtype_of(x), x_rows.data_ptr(), x_rows.stride(0), residual ? residual_rows.data_ptr() : nullptr,
+                       residual ? residual_rows.stride(0) : 0, dense_weight.data_ptr(), dense_bias.data_ptr(),
+                       y.data_ptr(), residual ? h.data_ptr() : nullptr, mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                       x_rows.size(0), width, static_cast<float>(eps), c10::cuda::getCurrentCUDAStream()));
+  return {y, h, mean, rstd};
+}
+
+// (dh, dweight, dbias) from the forward's h (x where there was no residual), mean and rstd; grad_h (or
+// None), the gradient reaching h directly, is added to dh (which is then the grad of both x and residual).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& h, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& rstd) {
+  const char* op = "layer_norm_backward";
+  check_cuda(op, "h", h, h);
+  check_cuda(op, "grad_y", grad_y, h);
+  check_cuda(op, "weight", weight, h);
+  TORCH_CHECK(h.dim() >= 1, op, ": h must have at least one dim, got a scalar");
+  const int64_t width = h.size(-1);
+  TORCH_CHECK(width >= 1 && width <= gpt2fast::layer_norm_max_width, op, ": the last dim must be 1 to ",
+              gpt2fast::layer_norm_max_width, " wide, got ", width);
+  const int64_t rows = h.numel() / width;
+  TORCH_CHECK(grad_y.sizes() == h.sizes(), op, ": grad_y must have h's shape ", h.sizes(), ", got ", grad_y.sizes());
+  if (grad_h) {
+    check_cuda(op, "grad_h", *grad_h, h);
+    TORCH_CHECK(grad_h->sizes() == h.sizes(), op, ": grad_h must have h's shape ", h.sizes(), ", got ",
+                grad_h->sizes());
+  }
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == width, op, ": weight must be [", width, "], got ",
+              weight.sizes());
+  for (const auto& [name, stats] : {std::pair<const char*, const at::Tensor&>{"mean", mean}, {"rstd", rstd}}) {
+    TORCH_CHECK(stats.device() == h.device() && stats.scalar_type() == at::kFloat && stats.numel() == rows, op, ": ",
+                name, " must be float32 on ", h.device(), " with one value a row (", rows, "), got ",
+                stats.scalar_type(), " on ", stats.device(), " with ", stats.numel());
+  }
+  c10::cuda::CUDAGuard guard(h.device());
+  at::Tensor dh = at::empty(h.sizes(), h.options());
+  at::Tensor dweight = at::empty({width}, weight.options()), dbias = at::empty({width}, weight.options());
+  int64_t workspace_elements = 0;
+  const cudaError_t err = gpt2fast::layer_norm_backward_workspace(rows, width, &workspace_elements);
+  TORCH_CHECK(err == cudaSuccess, op, ": ", cudaGetErrorString(err));
+  const at::Tensor workspace = at::empty({workspace_elements}, h.options().dtype(at::kFloat));
+  const at::Tensor h_rows = unit_stride_rows(h, width), grad_y_rows = unit_stride_rows(grad_y, width);
+  const at::Tensor grad_h_rows = grad_h ? unit_stride_rows(*grad_h, width) : at::Tensor();
+  const at::Tensor dense_weight = weight.contiguous(), dense_mean = mean.contiguous(), dense_rstd = rstd.contiguous();
+  check_launch(op, gpt2fast::layer_norm_backward_cuda(
+                       dtype_of(h), grad_y_rows.data_ptr(), grad_y_rows.stride(0),
+                       grad_h ? grad_h_rows.data_ptr() : nullptr, grad_h ? grad_h_rows.stride(0) : 0, h_rows.data_ptr(),
+                       h_rows.stride(0), dense_weight.data_ptr(), dense_mean.data_ptr<float>(),
+                       dense_rstd.data_ptr<float>(), dh.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
+                       workspace.data_ptr<float>(), workspace_elements, rows, width,
+                       c10::cuda::getCurrentCUDAStream()));
+  return {dh, dweight, dbias};
+}
+
+}  // namespace
+#endif  // GPT2FAST_CUDA
+
+// gpt2fast/ops/cuda_backend.py registers the autograd formula, which calls the backward op.
+TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
+  m.def("layer_norm_cuda(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? residual) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("layer_norm_backward_cuda(Tensor grad_y, Tensor? grad_h, Tensor h, Tensor weight, Tensor mean, "
+        "Tensor rstd) -> (Tensor, Tensor, Tensor)");
+}
+
+#ifdef GPT2FAST_CUDA
+TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) {
+  m.impl("layer_norm_cuda", &layer_norm_cuda);
+  m.impl("layer_norm_backward_cuda", &layer_norm_backward_cuda);
+}
+#endif  // GPT2FAST_CUDA
+
 // ---- bias_gelu and gelu_mlp ----
+
+#ifdef GPT2FAST_CUDA
+namespace {
+
+at::Tensor bias_gelu_cuda(const at::Tensor& x, const at::Tensor& bias) {
+  const char* op = "bias_gelu";
+  check_cuda(op, "x", x, x);
+  check_cuda(op, "bias", bias, x);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim, got a scalar");
+  const int64_t width = x.size(-1);
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == width, op, ": bias must be [", width, "], got ", bias.sizes());
+  TORCH_CHECK(width <= INT32_MAX / 2, op, ": the last dim must be at most ", INT32_MAX / 2, " wide, got ", width);
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor x_rows = unit_stride_rows(x, width), dense_bias = bias.contiguous();
+  check_launch(op, gpt2fast::bias_gelu_forward_cuda(dtype_of(x), x_rows.data_ptr(), x_rows.stride(0),
+                                                    dense_bias.data_ptr(), y.data_ptr(), x_rows.size(0), width,
+                                                    c10::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
+// (dx, dbias): dx = grad_y * gelu_tanh'(x + bias), dbias its sum over the rows.
+std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                                           const at::Tensor& bias) {
+  const char* op = "bias_gelu_backward";
+  check_cuda(op, "x", x, x);
+  check_cuda(op, "grad_y", grad_y, x);
+  check_cuda(op, "bias", bias, x);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim, got a scalar");
+  const int64_t width = x.size(-1);
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have x's shape ", x.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == width, op, ": bias must be [", width, "], got ", bias.sizes());
+  TORCH_CHECK(width <= INT32_MAX / 2, op, ": the last dim must be at most ", INT32_MAX / 2, " wide, got ", width);
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = at::empty(x.sizes(), x.options()), dbias = at::empty({width}, bias.options());
+  if (width == 0) return {dx, dbias};
+  const at::Tensor x_rows = unit_stride_rows(x, width), grad_y_rows = unit_stride_rows(grad_y, width);
+  const int64_t rows = x_rows.size(0);
+  int64_t workspace_elements = 0;
+  const cudaError_t err = gpt2fast::bias_gelu_backward_workspace(rows, width, &workspace_elements);
+  TORCH_CHECK(err == cudaSuccess, op, ": ", cudaGetErrorString(err));
+  const at::Tensor workspace = at::empty({workspace_elements}, x.options().dtype(at::kFloat));
+  const at::Tensor dense_bias = bias.contiguous();
+  check_launch(op, gpt2fast::bias_gelu_backward_cuda(dtype_of(x), grad_y_rows.data_ptr(), grad_y_rows.stride(0),
+                                                     x_rows.data_ptr(), x_rows.stride(0), dense_bias.data_ptr(),
+                                                     dx.data_ptr(), dbias.data_ptr(), workspace.data_ptr<float>(),
+                                                     workspace_elements, rows, width,
+                                                     c10::cuda::getCurrentCUDAStream()));
+  return {dx, dbias};
+}
+
+// (y, act, pre): pre = x @ w_fc without b_fc (the GELU adds it), act = gelu_tanh(pre + b_fc), both
+// [..., F]; the backward needs both. The matmuls are cuBLAS's, through ATen, and the bias and GELU one
+// pass of bias_gelu's kernel over pre. cuBLASLt's GELU_BIAS epilogue, which would fuse that pass into the
+// first matmul, is the alternative to measure on a GPU (cuBLASLt's GELU is the tanh approximation).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_mlp_cuda(const at::Tensor& x, const at::Tensor& w_fc,
+                                                             const at::Tensor& b_fc, const at::Tensor& w_proj,
+                                                             const at::Tensor& b_proj) {
+  const char* op = "gelu_mlp";
+  check_cuda(op, "x", x, x);
+  check_cuda(op, "w_fc", w_fc, x);
+  check_cuda(op, "b_fc", b_fc, x);
+  check_cuda(op, "w_proj", w_proj, x);
+  check_cuda(op, "b_proj", b_proj, x);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim, got a scalar");
+  const int64_t width = x.size(-1);
+  TORCH_CHECK(w_fc.dim() == 2 && w_fc.size(0) == width, op, ": w_fc must be [", width, ", F], got ", w_fc.sizes());
+  const int64_t hidden = w_fc.size(1);
+  TORCH_CHECK(b_fc.dim() == 1 && b_fc.size(0) == hidden, op, ": b_fc must be [", hidden, "], got ", b_fc.sizes());
+  TORCH_CHECK(w_proj.dim() == 2 && w_proj.size(0) == hidden && w_proj.size(1) == width, op, ": w_proj must be [",
+              hidden, ", ", width, "], got ", w_proj.sizes());
+  TORCH_CHECK(b_proj.dim() == 1 && b_proj.size(0) == width, op, ": b_proj must be [", width, "], got ",
+              b_proj.sizes());
+  TORCH_CHECK(hidden <= INT32_MAX / 2, op, ": the hidden width must be at most ", INT32_MAX / 2, ", got ", hidden);
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::IntArrayRef lead = x.sizes().slice(0, x.dim() - 1);
+  const int64_t rows = c10::multiply_integers(lead);
+  const at::Tensor pre = at::mm(x.reshape({rows, width}), w_fc);
+  at::Tensor act = at::empty({rows, hidden}, x.options());
+  if (act.numel() > 0) {
+    const at::Tensor pre_rows = unit_stride_rows(pre, hidden), dense_b_fc = b_fc.contiguous();
+    check_launch(op, gpt2fast::bias_gelu_forward_cuda(dtype_of(x), pre_rows.data_ptr(), pre_rows.stride(0),
+                                                      dense_b_fc.data_ptr(), act.data_ptr(), rows, hidden,
+                                                      c10::cuda::getCurrentCUDAStream()));
+  }
+  const at::Tensor y = at::addmm(b_proj, act, w_proj);
+  std::vector<int64_t> hidden_shape(lead.begin(), lead.end());
+  hidden_shape.push_back(hidden);
+  return {y.view(x.sizes()), act.view(hidden_shape), pre.view(hidden_shape)};
+}
+
+}  // namespace
+#endif  // GPT2FAST_CUDA
+
+// gpt2fast/ops/cuda_backend.py registers the autograd formulas: bias_gelu's calls its backward op, and
+// gelu_mlp's runs torch matmuls around that same backward op.
+TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
+  m.def("bias_gelu_cuda(Tensor x, Tensor bias) -> Tensor");
+  m.def("bias_gelu_backward_cuda(Tensor grad_y, Tensor x, Tensor bias) -> (Tensor, Tensor)");
+  m.def("gelu_mlp_cuda(Tensor x, Tensor w_fc, Tensor b_fc, Tensor w_proj, Tensor b_proj) -> (Tensor, Tensor, Tensor)");
+}
+
+#ifdef GPT2FAST_CUDA
+TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) {
+  m.impl("bias_gelu_cuda", &bias_gelu_cuda);
+  m.impl("bias_gelu_backward_cuda", &bias_gelu_backward_cuda);
+  m.impl("gelu_mlp_cuda", &gelu_mlp_cuda);
+}
+#endif  // GPT2FAST_CUDA
 
 // ---- causal_attention ----
 
+#ifdef GPT2FAST_CUDA
+namespace {
+
+// The strides of a [B, H, rows, D] tensor as the attention launchers take them. A dim of size 1 is never
+// stepped along, and a view may give it any stride: 0 then.
+gpt2fast::HeadStrides head_strides(const at::Tensor& t) {
+  const auto stride = [&](int64_t dim) { return t.size(dim) == 1 ? int64_t{0} : t.stride(dim); };
+  return {stride(0), stride(1), stride(2)};
+}
+
+// t where the attention kernels can read its rows 16 bytes at a time (a unit-stride head dim, rows on
+// 16-byte boundaries: [B, T, H, D] views of the model's projections are), else a dense copy.
+at::Tensor with_16_byte_rows(const at::Tensor& t) {
+  const gpt2fast::HeadStrides strides = head_strides(t);
+  const int64_t vec = 16 / static_cast<int64_t>(t.element_size());
+  const bool readable = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
+                        strides.batch % vec == 0 && strides.head % vec == 0 && strides.token % vec == 0;
+  return readable ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// (out, lse): lse [B, H, T] fp32 holds each query's log-sum-exp of its scaled scores, for a backward.
+std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v) {
+  const char* op = "causal_attention";
+  check_cuda(op, "q", q, q);
+  check_cuda(op, "k", k, q);
+  check_cuda(op, "v", v, q);
+  TORCH_CHECK(q.dim() == 4, op, ": q must be [B, H, T, D], got ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": k and v must have q's shape ", q.sizes(),
+              ", got ", k.sizes(), " and ", v.sizes());
+  const int64_t batch = q.size(0), heads = q.size(1), seq_len = q.size(2), head_dim = q.size(3);
+  TORCH_CHECK(head_dim == 32 || head_dim == 64 || head_dim == 128, op, ": head dim must be 32, 64 or 128, got ",
+              head_dim);
+  TORCH_CHECK(batch * heads <= INT32_MAX && seq_len <= int64_t{65535} * 64, op,
+              ": at most 2^31 - 1 batch * heads and 4194240 tokens, got ", batch * heads, " and ", seq_len);
+  c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({batch, heads, seq_len, head_dim}, q.options());
+  at::Tensor lse = at::empty({batch, heads, seq_len}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const at::Tensor q16 = with_16_byte_rows(q), k16 = with_16_byte_rows(k), v16 = with_16_byte_rows(v);
+  check_launch(op, gpt2fast::causal_attention_forward_cuda(
+                       dtype_of(q), q16.data_ptr(), head_strides(q16), k16.data_ptr(), head_strides(k16),
+                       v16.data_ptr(), head_strides(v16), out.data_ptr(), lse.data_ptr<float>(), batch, heads,
+                       seq_len, head_dim, c10::cuda::getCurrentCUDAStream()));
+  return {out, lse};
+}
+
+}  // namespace
+#endif  // GPT2FAST_CUDA
+
+// Inference only: no autograd formula (gpt2fast.ops runs the reference where inputs require grad).
+TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
+  m.def("causal_attention_cuda(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
+}
+
+#ifdef GPT2FAST_CUDA
+TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) { m.impl("causal_attention_cuda", &causal_attention_cuda); }
+#endif  // GPT2FAST_CUDA
+
+
 // ---- decode_attention ----
+
+#ifdef GPT2FAST_CUDA
+namespace {
+
+// The lengths' values are gpt2fast.ops' to check (on the device): reading them here would wait for the GPU.
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& lengths) {
+  const char* op = "decode_attention";
+  check_cuda(op, "q", q, q);
+  check_cuda(op, "k_cache", k_cache, q);
+  check_cuda(op, "v_cache", v_cache, q);
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, op, ": q and the caches must be 4-D, got ", q.sizes(), " and ",
+              k_cache.sizes());
+  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), head_dim = q.size(3);
+  const int64_t cache_len = k_cache.size(2);
+  TORCH_CHECK(k_cache.sizes() == at::IntArrayRef({batch, heads, cache_len, head_dim}) &&
+                  v_cache.sizes() == k_cache.sizes(),
+              op, ": the caches must be [B, H, S, D] = [", batch, ", ", heads, ", S, ", head_dim, "], got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(queries >= 1 && queries <= gpt2fast::decode_attention_max_queries && queries <= cache_len, op,
+              ": q must hold 1 to ", gpt2fast::decode_attention_max_queries, " queries, and no more than the cache's ",
+              cache_len, " positions, got ", queries);
+  TORCH_CHECK(head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128, op,
+              ": head dim must be 16, 32, 64 or 128, got ", head_dim);
+  TORCH_CHECK(lengths.device() == q.device(), op, ": lengths must be on ", q.device(), ", got ", lengths.device());
+  TORCH_CHECK(lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong, op,
+              ": lengths must be int32 or int64, got ", lengths.scalar_type());
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == batch, op, ": lengths must be [B] = [", batch, "], got ",
+              lengths.sizes());
+  TORCH_CHECK(batch * heads <= INT32_MAX, op, ": at most 2^31 - 1 batch * heads, got ", batch * heads);
+  c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({batch, heads, queries, head_dim}, q.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor q16 = with_16_byte_rows(q), k16 = with_16_byte_rows(k_cache), v16 = with_16_byte_rows(v_cache);
+  const at::Tensor dense_lengths = lengths.contiguous();
+  int splits = 1;
+  const cudaError_t err = gpt2fast::decode_attention_splits(batch * heads, cache_len, &splits);
+  TORCH_CHECK(err == cudaSuccess, op, ": ", cudaGetErrorString(err));
+  at::Tensor partial_acc, partial_max, partial_sum;  // each chunk's (unnormalised output, max, sum), when several
+  if (splits > 1) {
+    const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
+    partial_acc = at::empty({batch * heads, splits, queries, head_dim}, fp32);
+    partial_max = at::empty({batch * heads, splits, queries}, fp32);
+    partial_sum = at::empty({batch * heads, splits, queries}, fp32);
+  }
+  const auto data = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  check_launch(op, gpt2fast::decode_attention_cuda(
+                       dtype_of(q), q16.data_ptr(), head_strides(q16), k16.data_ptr(), head_strides(k16),
+                       v16.data_ptr(), head_strides(v16), dense_lengths.data_ptr(),
+                       dense_lengths.scalar_type() == at::kLong, out.data_ptr(), data(partial_acc),
+                       data(partial_max), data(partial_sum), batch, heads, queries, cache_len, head_dim, splits,
+                       c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+}  // namespace
+#endif  // GPT2FAST_CUDA
+
+// Inference only: no autograd formula (gpt2fast.ops runs the reference where inputs require grad).
+TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
+  m.def("decode_attention_cuda(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths) -> Tensor");
+}
+
+#ifdef GPT2FAST_CUDA
+TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) { m.impl("decode_attention_cuda", &decode_attention_cuda); }
+#endif  // GPT2FAST_CUDA
+
 
 namespace {
 
@@ -100,7 +452,44 @@ TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
 
 TORCH_LIBRARY_IMPL(gpt2fast, CPU, m) { m.impl("sample_cuda", &sample_cpu); }
 
-// (the sample CUDA kernel's binding and TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) go here)
+#ifdef GPT2FAST_CUDA
+namespace {
+
+// sample_cpu's checks, except the values: NaN and all -inf rows are gpt2fast.ops' to check, on the device,
+// as reading them here would wait for the GPU.
+at::Tensor sample_cuda(const at::Tensor& logits, double temperature, int64_t top_k, double top_p,
+                       const at::Tensor& seed) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "sample: logits must be [B, V] with V >= 1, got ",
+              logits.sizes());
+  TORCH_CHECK(logits.size(1) <= (int64_t{1} << 30), "sample: V must be at most 2^30 on CUDA, got ", logits.size(1));
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "sample: logits must be floating point, got ",
+              logits.scalar_type());
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "sample: temperature must be finite and > 0, got ",
+              temperature);
+  TORCH_CHECK(top_k >= 0, "sample: top_k must be >= 0, got ", top_k);
+  TORCH_CHECK(top_p > 0 && top_p <= 1, "sample: top_p must be in (0, 1], got ", top_p);
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device() == logits.device(),
+              "sample: seed must be one int64 on ", logits.device(), ", got ", seed.sizes(), " ", seed.scalar_type(),
+              " on ", seed.device());
+  c10::cuda::CUDAGuard guard(logits.device());
+  // The kernel reads fp32, fp16 and bf16 rows of any stride; other floating types as the reference, in fp32.
+  at::Tensor x = logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kHalf ||
+                         logits.scalar_type() == at::kBFloat16
+                     ? logits
+                     : logits.to(at::kFloat);
+  if (x.stride(1) != 1) x = x.contiguous();
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  check_launch("sample", gpt2fast::sample_cuda(dtype_of(x), x.data_ptr(), x.stride(0), x.size(0), x.size(1),
+                                               static_cast<float>(temperature), top_k, static_cast<float>(top_p),
+                                               seed.data_ptr<int64_t>(), out.data_ptr<int64_t>(),
+                                               c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) { m.impl("sample_cuda", &sample_cuda); }
+#endif  // GPT2FAST_CUDA
 
 // Python imports the module to load the operators above; it also says what was compiled in.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

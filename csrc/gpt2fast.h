@@ -31,13 +31,117 @@ enum class DType : int32_t { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
 // ---- layer_norm (CUDA) ----
 
+// The widest row the LayerNorm kernels take: a row lives in registers, at most 16 values a thread.
+constexpr int64_t layer_norm_max_width = 8192;
+
+// LayerNorm over `rows` rows of `width` (1 to layer_norm_max_width) elements, with the residual add fused:
+// h = x + residual, rounded to dtype and written to h; y = (h - mean) * rstd * weight + bias, with
+// rstd = 1 / sqrt(var + eps) and the statistics in fp32. x and residual: rows `*_row_stride` elements apart,
+// unit-stride columns; y and h: dense [rows, width]; weight, bias: [width]; mean, rstd: fp32 [rows], saved
+// for the backward. residual and h are both null (h is then x) or both set. eps > 0.
+cudaError_t layer_norm_forward_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* residual,
+                                    int64_t residual_row_stride, const void* weight, const void* bias, void* y,
+                                    void* h, float* mean, float* rstd, int64_t rows, int64_t width, float eps,
+                                    cudaStream_t stream);
+
+// The fp32 workspace, in elements, that layer_norm_backward_cuda wants for these rows on the current device:
+// one partial row of dweight and of dbias per block of a grid that fills the device.
+cudaError_t layer_norm_backward_workspace(int64_t rows, int64_t width, int64_t* elements);
+
+// The LayerNorm backward from the forward's h (x where there was no residual), mean and rstd:
+// dh = rstd * (w dy - mean(w dy) - xhat * mean(w dy xhat)) + grad_h, xhat = (h - mean) * rstd, where grad_h,
+// the gradient reaching h directly, may be null; dweight = sum over rows of dy * xhat, dbias = sum of dy,
+// in fp32 and in the same order on every run (per-block partial rows in `workspace`, added after; no
+// atomics). grad_y, grad_h, h: rows `*_row_stride` elements apart, unit-stride columns; dh: dense
+// [rows, width]; dweight, dbias: [width]. workspace: workspace_elements floats, at least 2 * width; fewer
+// than layer_norm_backward_workspace says runs fewer blocks.
+cudaError_t layer_norm_backward_cuda(DType dtype, const void* grad_y, int64_t grad_y_row_stride, const void* grad_h,
+                                     int64_t grad_h_row_stride, const void* h, int64_t h_row_stride,
+                                     const void* weight, const float* mean, const float* rstd, void* dh,
+                                     void* dweight, void* dbias, float* workspace, int64_t workspace_elements,
+                                     int64_t rows, int64_t width, cudaStream_t stream);
+
 // ---- bias_gelu (CUDA) ----
+
+// y = gelu_tanh(x + bias), GPT-2's tanh approximation 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))), in
+// fp32 math. x: `rows` rows of `width` elements, x_row_stride elements apart, unit-stride columns; y: dense
+// [rows, width]; bias: [width], broadcast over the rows, or null for none.
+cudaError_t bias_gelu_forward_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* bias, void* y,
+                                   int64_t rows, int64_t width, cudaStream_t stream);
+
+// The fp32 workspace, in elements, that bias_gelu_backward_cuda wants for these rows on the current device:
+// one partial row of dbias per row of blocks of a grid that fills the device.
+cudaError_t bias_gelu_backward_workspace(int64_t rows, int64_t width, int64_t* elements);
+
+// The backward of bias_gelu_forward_cuda: dx = grad_y * gelu_tanh'(x + bias), and dbias = the sum of dx over
+// the rows, in fp32 and in the same order on every run (partial rows in `workspace`, added after; no
+// atomics). grad_y and x: rows `*_row_stride` elements apart, unit-stride columns; dx: dense [rows, width];
+// bias (null for none) and dbias: [width]. workspace: workspace_elements floats, at least width; fewer than
+// bias_gelu_backward_workspace says runs fewer blocks.
+cudaError_t bias_gelu_backward_cuda(DType dtype, const void* grad_y, int64_t grad_y_row_stride, const void* x,
+                                    int64_t x_row_stride, const void* bias, void* dx, void* dbias, float* workspace,
+                                    int64_t workspace_elements, int64_t rows, int64_t width, cudaStream_t stream);
 
 // ---- causal_attention (CUDA) ----
 
+// Strides, in elements, of the first three dims of a [B, H, rows, D] tensor whose last dim has unit stride
+// (a [B, T, H, D] tensor viewed as [B, H, T, D] has {T * H * D, D, H * D}).
+struct HeadStrides {
+  int64_t batch, head, token;
+};
+
+// Causal attention forward, flash-attention style: out = softmax(q k^T / sqrt(D), causal) v, and lse, each
+// query's natural log-sum-exp of its scaled, masked scores, which a backward uses to recompute the softmax.
+// q, k, v: [B, H, T, D] of any strides that keep rows 16-byte aligned (aligned pointers, strides a multiple
+// of 16 bytes); out: dense [B, H, T, D] of the same dtype; lse: dense fp32 [B, H, T]. D is 32, 64 or 128;
+// fp32 runs on the FMA units, fp16 and bf16 on the tensor cores with fp32 accumulation. No scratch memory.
+// cudaErrorInvalidValue for a head dim, a stride or an alignment it does not take.
+cudaError_t causal_attention_forward_cuda(DType dtype, const void* q, HeadStrides q_strides, const void* k,
+                                          HeadStrides k_strides, const void* v, HeadStrides v_strides, void* out,
+                                          float* lse, int64_t batch, int64_t heads, int64_t seq_len,
+                                          int64_t head_dim, cudaStream_t stream);
+
+
 // ---- decode_attention (CUDA) ----
 
+// The most queries per sequence decode_attention_cuda takes in one call (decoding appends a few tokens).
+constexpr int64_t decode_attention_max_queries = 16;
+
+// How many chunks decode_attention_cuda should cut a cache of cache_len positions into, for batch * heads
+// sequences on the current device: enough blocks to keep every SM streaming the cache.
+cudaError_t decode_attention_splits(int64_t batch_heads, int64_t cache_len, int* splits);
+
+// Flash-decoding: the `queries` (1 to 16) newest tokens of each sequence against its KV cache. Query i of
+// sequence b sits at position lengths[b] - queries + i and attends, with scale 1/sqrt(D), to keys 0 .. that
+// position; cache entries at or past lengths[b] are never read (they may hold NaN). q: [B, H, queries, D];
+// k_cache, v_cache: [B, H, S, D]; all three of any strides that keep rows 16-byte aligned. lengths: [B]
+// int32 or int64 (lengths_int64) in device memory, read by the kernel (no host sync), each in [queries, S]
+// (gpt2fast.ops checks them). out: dense [B, H, queries, D] of q's dtype. D is 16, 32, 64 or 128.
+// The cache is cut into num_splits chunks (decode_attention_splits says how many), one block each; with
+// more than one, each chunk writes its partial result (its running max in log2 units, sum of exponentials
+// and unnormalised output, fp32) to the caller's scratch, dense partial_acc [B * H, num_splits, queries, D],
+// partial_max and partial_sum [B * H, num_splits, queries], and a second kernel merges the chunks. With
+// one split the scratch pointers may be null. cudaErrorInvalidValue for sizes, strides or alignments it
+// does not take.
+cudaError_t decode_attention_cuda(DType dtype, const void* q, HeadStrides q_strides, const void* k_cache,
+                                  HeadStrides k_strides, const void* v_cache, HeadStrides v_strides,
+                                  const void* lengths, bool lengths_int64, void* out, float* partial_acc,
+                                  float* partial_max, float* partial_sum, int64_t batch, int64_t heads,
+                                  int64_t queries, int64_t cache_len, int64_t head_dim, int num_splits,
+                                  cudaStream_t stream);
+
+
 // ---- sample (CUDA) ----
+
+// One id per row of logits [rows, vocab] (rows `logits_row_stride` elements apart, unit-stride columns;
+// 1 <= vocab <= 2^30) into ids [rows], each drawn as sample_row_cpu draws it: the same distribution, with
+// uniforms keyed by (*seed, row, attempt). seed points to one int64 in device memory, read by the kernel,
+// so that no host sync is needed and the launch can be captured in a CUDA graph. temperature > 0;
+// top_k 0 or >= vocab, and top_p 1, turn those filters off. A row holding NaN or only -inf breaks the
+// contract (gpt2fast.ops checks it on the device); its id is -1 or any id.
+cudaError_t sample_cuda(DType dtype, const void* logits, int64_t logits_row_stride, int64_t rows, int64_t vocab,
+                        float temperature, int64_t top_k, float top_p, const int64_t* seed, int64_t* ids,
+                        cudaStream_t stream);
 
 }  // namespace gpt2fast
 #endif  // GPT2FAST_CUDA

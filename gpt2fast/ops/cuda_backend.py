@@ -15,59 +15,186 @@ from .registry import register, register_backend
 NAME = "cuda"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Which devices the extension has kernels for ("cpu", and "cuda" where it was built with CUDA); set by the
-# probe, which always runs before any `supports` (a plain global, which torch.compile can trace).
-_devices: tuple[str, ...] = ()
-
-
 def _probe() -> Optional[str]:
-    global _devices
     try:
-        from gpt2fast import _C
+        from gpt2fast import _C  # noqa: F401  (loading it defines the operators)
     except ImportError as e:
         return (f"the extension gpt2fast._C is not built ({type(e).__name__}: {e}); reinstall with "
                 f"`pip install --no-build-isolation -e .` where torch is installed")
-    _register_fakes()
-    _devices = ("cpu", "cuda") if _C.with_cuda else ("cpu",)
+    _register_python_parts()
     return None
 
 
 register_backend(NAME, "C++ and CUDA kernels (csrc/, gpt2fast._C)", _probe)
 
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
-def _device_and_dtype(t: Tensor, devices: tuple[str, ...]) -> Optional[str]:
-    """Why an op whose kernels run on `devices` cannot take t, or None."""
+
+def _has_kernel(op: str, device_type: str) -> bool:
+    """Whether the loaded extension has a kernel of gpt2fast::`op` for this device type. A build without
+    CUDA (a CPU torch, or no nvcc) has none for CUDA, and a build older than an op none at all."""
+    key = _DISPATCH_KEYS.get(device_type)
+    return (key is not None and hasattr(torch.ops.gpt2fast, op)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"gpt2fast::{op}", key))
+
+
+def _refusal(op: str, t: Tensor, *no_grad: Tensor) -> Optional[str]:
+    """Why the operator gpt2fast::`op` cannot take t (its dtype, or no kernel for its device), or, for an op
+    without a backward, the inputs `no_grad` requiring grad; None if it can."""
     if t.dtype not in DTYPES:
         return f"dtype {t.dtype} (the kernels take float32, float16, bfloat16)"
-    if t.device.type not in devices:
-        return f"tensors on {t.device}: this op's kernels run on {' and '.join(devices)}"
-    if t.device.type not in _devices:
-        return f"tensors on {t.device}: gpt2fast._C was built without CUDA (a CPU build of torch, or no nvcc)"
+    if torch.is_grad_enabled() and any(g.requires_grad for g in no_grad):
+        return "inputs that require grad (the kernel has no backward: the reference runs, with autograd)"
+    if not _has_kernel(op, t.device.type):
+        return (f"tensors on {t.device}: gpt2fast._C has no {t.device.type} kernel of {op} (the CUDA kernels "
+                f"build with a CUDA torch and nvcc; rebuild with `pip install --no-build-isolation -e .`)")
     return None
 
 
-def _register_fakes() -> None:
-    """Fake (meta) functions of the extension's operators, once it is loaded and they exist."""
-    torch.library.register_fake("gpt2fast::sample_cuda")(
-        lambda logits, temperature, top_k, top_p, seed: logits.new_empty(logits.shape[0], dtype=torch.int64))
+def _register_python_parts() -> None:
+    """Fake (meta) functions and autograd formulas of the operators the loaded extension defines (a build
+    older than an op lacks it; _refusal then keeps the op on the reference)."""
+    fakes = {
+        "layer_norm_cuda": _layer_norm_fake,
+        "layer_norm_backward_cuda": lambda grad_y, grad_h, h, weight, mean, rstd: (
+            h.new_empty(h.shape), torch.empty_like(weight), torch.empty_like(weight)),
+        "bias_gelu_cuda": lambda x, bias: x.new_empty(x.shape),
+        "bias_gelu_backward_cuda": lambda grad_y, x, bias: (x.new_empty(x.shape), torch.empty_like(bias)),
+        "gelu_mlp_cuda": _gelu_mlp_fake,
+        "causal_attention_cuda": lambda q, k, v: (q.new_empty(q.shape),
+                                                  q.new_empty(q.shape[:-1], dtype=torch.float32)),
+        "decode_attention_cuda": lambda q, k_cache, v_cache, lengths: q.new_empty(q.shape),
+        "sample_cuda": lambda logits, *params: logits.new_empty(logits.shape[0], dtype=torch.int64),
+    }
+    autograd = {"layer_norm_cuda": (_layer_norm_backward, _layer_norm_setup_context),
+                "bias_gelu_cuda": (_bias_gelu_backward, _save_inputs),
+                "gelu_mlp_cuda": (_gelu_mlp_backward, _gelu_mlp_setup_context)}
+    for op, fake in fakes.items():
+        if hasattr(torch.ops.gpt2fast, op):
+            torch.library.register_fake(f"gpt2fast::{op}")(fake)
+    for op, (backward, setup_context) in autograd.items():
+        if hasattr(torch.ops.gpt2fast, op):
+            torch.library.register_autograd(f"gpt2fast::{op}", backward, setup_context=setup_context)
 
 
 # ---- layer_norm ----
+
+LAYER_NORM_MAX_WIDTH = 8192  # csrc/gpt2fast.h's layer_norm_max_width: the kernels hold a row in registers
+
+
+def _layer_norm_fake(x, weight, bias, eps, residual):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(0 if residual is None else x.shape), stats, torch.empty_like(stats)
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, weight, _, _, residual = inputs
+    _, h, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, mean, rstd)
+
+
+def _layer_norm_backward(ctx, grad_y, grad_h, _grad_mean, _grad_rstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    grad_h = grad_h if ctx.has_residual else None  # else the grad of the empty placeholder output
+    dh, dweight, dbias = torch.ops.gpt2fast.layer_norm_backward_cuda(grad_y, grad_h, h, weight, mean, rstd)
+    return dh, dweight, dbias, None, dh if ctx.has_residual else None
+
+
+def _layer_norm_supports(x, weight, bias, eps=1e-5, residual=None) -> Optional[str]:
+    if not 0 < x.shape[-1] <= LAYER_NORM_MAX_WIDTH:
+        return f"width {x.shape[-1]} (the kernels take 1 to {LAYER_NORM_MAX_WIDTH})"
+    return _refusal("layer_norm_cuda", x)
+
+
+@register("layer_norm", NAME, supports=_layer_norm_supports)
+def layer_norm(x, weight, bias, eps=1e-5, residual=None):
+    y, h, _, _ = torch.ops.gpt2fast.layer_norm_cuda(x, weight, bias, float(eps), residual)
+    return y if residual is None else (y, h)
 
 
 # ---- bias_gelu and gelu_mlp ----
 
 
-# ---- causal_attention ----
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
 
 
-# ---- decode_attention ----
+def _bias_gelu_backward(ctx, grad_y):
+    return torch.ops.gpt2fast.bias_gelu_backward_cuda(grad_y, *ctx.saved_tensors)
+
+
+def _gelu_mlp_fake(x, w_fc, b_fc, w_proj, b_proj):
+    """(y, act, pre): pre = x @ w_fc, act = gelu_tanh(pre + b_fc), both [..., F]."""
+    hidden = x.new_empty(*x.shape[:-1], w_fc.shape[1])
+    return x.new_empty(x.shape), hidden, torch.empty_like(hidden)
+
+
+def _gelu_mlp_setup_context(ctx, inputs, output):
+    x, w_fc, b_fc, w_proj, _ = inputs
+    _, act, pre = output
+    ctx.save_for_backward(x, w_fc, b_fc, w_proj, act, pre)
+
+
+def _gelu_mlp_backward(ctx, grad_y, _grad_act, _grad_pre):
+    """Torch matmuls for the matmuls' gradients, the bias_gelu backward op for d pre from d act (pre holds no
+    b_fc here, so the op adds it, and the bias gradient it returns, the column sums of d pre, is db_fc)."""
+    x, w_fc, b_fc, w_proj, act, pre = ctx.saved_tensors
+    C, F = w_fc.shape
+    dy, x2, act2 = grad_y.reshape(-1, C), x.reshape(-1, C), act.reshape(-1, F)
+    d_pre, db_fc = torch.ops.gpt2fast.bias_gelu_backward_cuda(dy @ w_proj.T, pre.reshape(-1, F), b_fc)
+    return (d_pre @ w_fc.T).view(x.shape), x2.T @ d_pre, db_fc, act2.T @ dy, dy.sum(0)
+
+
+@register("bias_gelu", NAME, supports=lambda x, bias: _refusal("bias_gelu_cuda", x))
+def bias_gelu(x, bias):
+    return torch.ops.gpt2fast.bias_gelu_cuda(x, bias)
+
+
+@register("gelu_mlp", NAME, supports=lambda x, *weights: _refusal("gelu_mlp_cuda", x))
+def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj):
+    return torch.ops.gpt2fast.gelu_mlp_cuda(x, w_fc, b_fc, w_proj, b_proj)[0]  # act and pre: for the backward
+
+
+# ---- causal_attention (inference only: the kernel has no backward yet) ----
+
+CAUSAL_HEAD_DIMS = (32, 64, 128)
+
+
+def _causal_attention_supports(q, k, v) -> Optional[str]:
+    if q.shape[3] not in CAUSAL_HEAD_DIMS:
+        return f"head dim {q.shape[3]} (the kernel takes {', '.join(map(str, CAUSAL_HEAD_DIMS))})"
+    return _refusal("causal_attention_cuda", q, q, k, v)
+
+
+@register("causal_attention", NAME, supports=_causal_attention_supports)
+def causal_attention(q, k, v):
+    return torch.ops.gpt2fast.causal_attention_cuda(q, k, v)[0]  # (out, lse): lse is for a backward
+
+
+# ---- decode_attention (inference only: decoding needs no autograd) ----
+
+DECODE_HEAD_DIMS = (16, 32, 64, 128)
+DECODE_MAX_QUERIES = 16  # the newest tokens of a sequence, as decoding appends them (csrc/gpt2fast.h)
+
+
+def _decode_attention_supports(q, k_cache, v_cache, lengths) -> Optional[str]:
+    if q.shape[2] > DECODE_MAX_QUERIES:
+        return f"{q.shape[2]} queries (the kernel takes 1 to {DECODE_MAX_QUERIES})"
+    if q.shape[3] not in DECODE_HEAD_DIMS:
+        return f"head dim {q.shape[3]} (the kernel takes {', '.join(map(str, DECODE_HEAD_DIMS))})"
+    return _refusal("decode_attention_cuda", q, q, k_cache, v_cache)
+
+
+@register("decode_attention", NAME, supports=_decode_attention_supports)
+def decode_attention(q, k_cache, v_cache, lengths):
+    return torch.ops.gpt2fast.decode_attention_cuda(q, k_cache, v_cache, lengths)
 
 
 # ---- sample (no autograd: it draws integers) ----
 
 
-@register("sample", NAME, supports=lambda logits, *params: _device_and_dtype(logits, ("cpu",)))
+@register("sample", NAME, supports=lambda logits, *params: _refusal("sample_cuda", logits))
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     if temperature == 0:
         return logits.argmax(dim=-1)  # greedy: the first of equal maxima, as the reference; no kernel needed
