@@ -10,6 +10,7 @@ Tests marked `gpu` run full GPT-2 shapes and are skipped without CUDA.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -49,6 +50,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_log(monkeypatch):
+    """The registry's log-once memory, emptied, so that a fallback logs here even if another test saw it."""
+    from gpt2fast.ops import registry
+
+    monkeypatch.setattr(registry, "_logged", set())
+
+
+def fallback_records(caplog) -> list[str]:
+    """The messages of the gpt2fast log lines saying an op fell back to the reference."""
+    return [r.getMessage() for r in caplog.records if r.name == "gpt2fast" and "falls back" in r.getMessage()]
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns floating-point tensors full of NaN and integer ones full of -1, so that an
+    element a kernel fails to write shows (the launchers allocate every output and scratch buffer with it)."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(math.nan if t.is_floating_point() else -1)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
 
 
 @pytest.fixture(params=AVAILABLE_BACKENDS)

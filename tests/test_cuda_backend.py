@@ -15,7 +15,7 @@ import gpt2fast
 from gpt2fast import ops
 from gpt2fast.ops import cuda_backend as cb
 from test_ops_sample import kept_tokens, random_logits
-from test_triton_backend import fallback_records, fresh_log  # noqa: F401
+from conftest import fallback_records
 
 REASON = ops.backends()["cuda"].unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cuda backend unavailable: {REASON}")
@@ -98,7 +98,7 @@ def test_the_operator_checks_its_arguments(args, match):
         torch.ops.gpt2fast.sample_cuda(*call.values())
 
 
-def test_refused_dtype_gets_the_reference_and_one_log_line(fresh_log, monkeypatch, caplog):  # noqa: F811
+def test_refused_dtype_gets_the_reference_and_one_log_line(fresh_log, monkeypatch, caplog):
     logits = random_logits(20, seed=8).double()[None]
     with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("cuda"):
         for _ in range(2):

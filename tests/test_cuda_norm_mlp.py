@@ -18,10 +18,9 @@ import torch
 import gpt2fast
 from gpt2fast import ops
 from gpt2fast.ops import cuda_backend as cb
-from conftest import assert_close, randn
+from conftest import assert_close, fallback_records, randn
 from test_ops_layer_norm import make_inputs, naive_layer_norm
 from test_ops_mlp import mlp_weights, naive_gelu_mlp, naive_gelu_tanh
-from test_triton_backend import fallback_records, fresh_log  # noqa: F401
 
 REASON = ops.backends()["cuda"].unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cuda backend unavailable: {REASON}")
@@ -82,7 +81,7 @@ CALLS = {
 
 
 @pytest.mark.parametrize("op", sorted(CALLS))
-def test_cpu_tensors_get_the_reference_and_one_log_line(fresh_log, caplog, op):  # noqa: F811
+def test_cpu_tensors_get_the_reference_and_one_log_line(fresh_log, caplog, op):
     """The kernels run on CUDA tensors only: on CPU ones the backend refuses, once per reason, and the
     reference runs (the operators have no CPU kernel, so a kernel call would raise)."""
     args = CALLS[op]()

@@ -11,6 +11,7 @@ import torch
 import gpt2fast
 from gpt2fast import ops
 from gpt2fast.ops import registry
+from conftest import fallback_records
 
 
 @pytest.fixture(autouse=True)
@@ -35,10 +36,6 @@ def make_backend(name, probe=lambda: None):
     """Register a made-up backend under `name` (one of the non-reference choices), replacing any real one."""
     registry._BACKENDS.pop(name, None)
     return registry.register_backend(name, "made up by a test", probe)
-
-
-def fallback_records(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "gpt2fast" and "falls back" in r.getMessage()]
 
 
 def ln_inputs(width=64, seed=0):

@@ -6,7 +6,6 @@ The op tests (test_ops_layer_norm.py, test_ops_mlp.py) run it against fp64 oracl
 TRITON_INTERPRET=1 before gpt2fast is imported.
 """
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -17,9 +16,8 @@ import torch
 import gpt2fast
 from gpt2fast import GPT2, ops
 from gpt2fast.config import GPT2Config
-from gpt2fast.ops import registry
 from gpt2fast.ops import triton_backend as tb
-from conftest import CUDA, assert_close, randn
+from conftest import CUDA, assert_close, fallback_records, randn
 from test_ops_layer_norm import naive_layer_norm
 from test_ops_mlp import naive_gelu_tanh
 
@@ -30,30 +28,6 @@ DEVICE = "cuda" if CUDA else "cpu"
 # T = 1, 77 rows, batch 1 and many; GPT-2's widths, ones that are not powers of two, and the widest.
 LN_SHAPES = [(1, 1, 768), (1, 77, 1000), (6, 1, 1536), (2, 7, 1600), (77, 17), (1, 8192)]
 GELU_SHAPES = [(1, 1, 768), (1, 77, 1000), (6, 1, 3072), (2, 3, 6400), (77, 17)]
-
-
-@pytest.fixture
-def fresh_log(monkeypatch):
-    """The registry's log-once memory, emptied, so a fallback logs here even if another test saw it."""
-    monkeypatch.setattr(registry, "_logged", set())
-
-
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """torch.empty returns NaN-filled tensors: an element a kernel fails to write shows as NaN.
-
-    The launchers allocate every output (and every partial-sum buffer) with torch.empty."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
-def fallback_records(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "gpt2fast" and "falls back" in r.getMessage()]
 
 
 # ---- registration and probe ----

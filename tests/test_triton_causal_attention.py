@@ -16,9 +16,8 @@ import gpt2fast
 from gpt2fast import GPT2, ops
 from gpt2fast.config import GPT2Config
 from gpt2fast.ops import triton_backend as tb
-from conftest import CUDA, assert_close, randn
+from conftest import CUDA, assert_close, fallback_records, randn
 from test_ops_attention import naive_causal_attention, qkv
-from test_triton_backend import fallback_records, fresh_log  # noqa: F401
 
 REASON = ops.backends()["triton"].unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"triton backend unavailable: {REASON}")
@@ -26,18 +25,9 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 
 @pytest.fixture
-def kernel(monkeypatch):
-    """The kernel module, its torch.empty filling floating-point tensors with NaN, so that an output,
-    log-sum-exp, delta or gradient element the kernels fail to write shows as NaN."""
-    module = tb._kernels("causal_attention")
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(module.torch, "empty", nan_empty)
-    return module
+def kernel(poisoned_empty):
+    """The kernel module, run with torch.empty poisoned (conftest.py): an element it fails to write shows."""
+    return tb._kernels("causal_attention")
 
 
 def naive_lse(q, k):
@@ -158,7 +148,7 @@ REFUSALS = {
 
 
 @pytest.mark.parametrize("case", REFUSALS)
-def test_refused_inputs_get_the_reference_and_one_log_line(case, fresh_log, monkeypatch, caplog):  # noqa: F811
+def test_refused_inputs_get_the_reference_and_one_log_line(case, fresh_log, monkeypatch, caplog):
     changes, reason = REFUSALS[case]
     monkeypatch.setattr(tb, "causal_attention_op", lambda *a: pytest.fail("the kernel ran on an input it refuses"))
     q, k, v = qkv((2, 1, 9, changes.get("D", 32)), changes.get("dtype", torch.float32), DEVICE)

@@ -12,9 +12,9 @@ import gpt2fast
 from gpt2fast import GPT2, ops
 from gpt2fast.config import GPT2Config
 from gpt2fast.ops import triton_backend as tb
-from conftest import assert_close, randn
+from conftest import assert_close, fallback_records, randn
 from test_ops_mlp import mlp_weights, naive_gelu_mlp, naive_gelu_tanh, naive_linear
-from test_triton_backend import DEVICE, fallback_records, fresh_log, needs_triton, poisoned_empty  # noqa: F401
+from test_triton_backend import DEVICE, needs_triton
 
 # Batch 1 and many rows (231); M, K and N off the blocks (77 rows, widths 100 and 17, 33 wide inputs).
 SHAPES = [((1, 1, 64), 256), ((77, 17), 100), ((1, 1, 100), 17), ((3, 77, 33), 100)]
@@ -22,7 +22,7 @@ SHAPES = [((1, 1, 64), 256), ((77, 17), 100), ((1, 1, 100), 17), ((3, 77, 33), 1
 
 @needs_triton
 @pytest.mark.parametrize("shape,hidden", SHAPES, ids=str)
-def test_writes_every_output(poisoned_empty, dtype, shape, hidden):  # noqa: F811
+def test_writes_every_output(poisoned_empty, dtype, shape, hidden):
     x = randn(*shape, dtype=dtype, device=DEVICE, seed=1)
     weights = mlp_weights(shape[-1], hidden, dtype, DEVICE, seed=2)
     y, act, pre = tb.gelu_mlp_op(x, *weights, True)
@@ -78,7 +78,7 @@ def mlp_args(dtype=torch.float32, device=DEVICE):
 
 
 @needs_triton
-def test_refused_dtype_gets_the_reference_and_one_log_line(fresh_log, monkeypatch, caplog):  # noqa: F811
+def test_refused_dtype_gets_the_reference_and_one_log_line(fresh_log, monkeypatch, caplog):
     monkeypatch.setattr(tb, "gelu_mlp_op", lambda *a: pytest.fail("the kernel ran on an input it refuses"))
     args, reason = mlp_args(torch.float64), "dtype torch.float64"
     reference = ops.backends()["torch"].impls["gelu_mlp"].fn
@@ -90,7 +90,7 @@ def test_refused_dtype_gets_the_reference_and_one_log_line(fresh_log, monkeypatc
 
 
 @needs_triton
-def test_cpu_tensors_are_refused_unless_interpreting(fresh_log, monkeypatch, caplog):  # noqa: F811
+def test_cpu_tensors_are_refused_unless_interpreting(fresh_log, monkeypatch, caplog):
     monkeypatch.setattr(tb, "_interpreted", False)
     monkeypatch.setattr(tb, "gelu_mlp_op", lambda *a: pytest.fail("the kernel ran on CPU tensors"))
     args = mlp_args(device="cpu")

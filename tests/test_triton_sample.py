@@ -15,27 +15,18 @@ import gpt2fast
 from gpt2fast import GPT2, ops
 from gpt2fast.config import GPT2Config
 from gpt2fast.ops import triton_backend as tb
-from conftest import CUDA, FLOAT_DTYPES
+from conftest import CUDA, FLOAT_DTYPES, fallback_records
 from test_ops_sample import assert_distribution, kept_tokens, oracle_probs, random_logits
-from test_triton_backend import DEVICE, fallback_records, fresh_log, needs_triton  # noqa: F401
+from test_triton_backend import DEVICE, needs_triton
 
 pytestmark = needs_triton
 GPT2_VOCAB = 50257
 
 
 @pytest.fixture
-def kernel(monkeypatch):
-    """The kernel module, its torch.empty filling integer tensors with -1: an id the kernel fails to
-    write shows as -1, outside [0, V)."""
-    module = tb._kernels("sample")
-    empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(-1) if not t.is_floating_point() else t
-
-    monkeypatch.setattr(module.torch, "empty", poisoned_empty)
-    return module
+def kernel(poisoned_empty):
+    """The kernel module, run with torch.empty poisoned (conftest.py): an element it fails to write shows."""
+    return tb._kernels("sample")
 
 
 @pytest.fixture
@@ -124,7 +115,7 @@ def test_seed_decides_the_draw(kernel):
 # ---- refusals, the custom op, dispatch ----
 
 
-def test_refused_dtype_gets_the_reference_and_one_log_line(fresh_log, monkeypatch, caplog):  # noqa: F811
+def test_refused_dtype_gets_the_reference_and_one_log_line(fresh_log, monkeypatch, caplog):
     monkeypatch.setattr(tb, "sample_op", lambda *a: pytest.fail("the kernel ran on an input it refuses"))
     logits = random_logits(20, seed=8).double()[None].to(DEVICE)
     with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("triton"):
