@@ -8,6 +8,7 @@ standalone programs tests/cuda/test_{causal,decode}_attention.cu check every til
 """
 import logging
 import math
+import types
 
 import pytest
 import torch
@@ -15,9 +16,8 @@ import torch
 import gpt2fast
 from gpt2fast import ops
 from gpt2fast.ops import cuda_backend as cb
-from conftest import CUDA, assert_close, randn
+from conftest import CUDA, assert_close, fallback_records, randn
 from test_ops_attention import kv_cache, naive_causal_attention, naive_decode_attention, qkv
-from test_triton_backend import fallback_records, fresh_log  # noqa: F401
 from test_triton_causal_attention import naive_lse
 
 REASON = ops.backends()["cuda"].unavailable_reason()
@@ -53,7 +53,7 @@ CAUSAL_REFUSALS = {
 
 @pytest.mark.parametrize("case", CAUSAL_REFUSALS)
 def test_causal_attention_refusals_get_the_reference_and_one_log_line(
-        case, fresh_log, monkeypatch, caplog):  # noqa: F811
+        case, fresh_log, monkeypatch, caplog):
     changes, reason = CAUSAL_REFUSALS[case]
     impl = ops.backends()["cuda"].impls["causal_attention"]
     monkeypatch.setattr(impl, "fn", lambda *a: pytest.fail("the kernel ran on an input it refuses"))
@@ -78,7 +78,7 @@ DECODE_REFUSALS = {
 
 @pytest.mark.parametrize("case", DECODE_REFUSALS)
 def test_decode_attention_refusals_get_the_reference_and_one_log_line(
-        case, fresh_log, monkeypatch, caplog):  # noqa: F811
+        case, fresh_log, monkeypatch, caplog):
     changes, reason = DECODE_REFUSALS[case]
     impl = ops.backends()["cuda"].impls["decode_attention"]
     monkeypatch.setattr(impl, "fn", lambda *a: pytest.fail("the kernel ran on an input it refuses"))
@@ -99,10 +99,11 @@ def test_a_build_without_the_operator_is_refused_by_name(op, monkeypatch):
     """An extension built before the op existed loads (the probe registers only the fakes of operators it
     defines), and the backend names the missing operator instead of failing."""
     monkeypatch.setattr(cb, "_has_kernel", lambda name, device_type: name != f"{op}_cuda")
-    q = torch.zeros(1, 1, 1, 64)
-    args = (q, q, q) if op == "causal_attention" else (q, q, q, torch.ones(1, dtype=torch.int64))
+    q = types.SimpleNamespace(shape=(1, 1, 1, 64), dtype=torch.float32, device=torch.device("cuda"),
+                              requires_grad=False)  # a stand-in CUDA tensor: no GPU needed to ask
+    args = (q, q, q) if op == "causal_attention" else (q, q, q, None)
     reason = ops.backends()["cuda"].impls[op].supports(*args)
-    assert f"gpt2fast._C has no cpu kernel of {op}_cuda" in reason and "--no-build-isolation" in reason
+    assert f"gpt2fast._C has no cuda kernel of {op}_cuda" in reason and "--no-build-isolation" in reason
 
 
 def test_fake_functions_give_the_outputs_shapes():

@@ -46,8 +46,9 @@ def _refusal(op: str, t: Tensor, *no_grad: Tensor) -> Optional[str]:
     if torch.is_grad_enabled() and any(g.requires_grad for g in no_grad):
         return "inputs that require grad (the kernel has no backward: the reference runs, with autograd)"
     if not _has_kernel(op, t.device.type):
-        return (f"tensors on {t.device}: gpt2fast._C has no {t.device.type} kernel of {op} (the CUDA kernels "
-                f"build with a CUDA torch and nvcc; rebuild with `pip install --no-build-isolation -e .`)")
+        rebuild = (" (it was built without CUDA, or before this op: with a CUDA torch and nvcc, rebuild it with "
+                   "`pip install --no-build-isolation -e .`)") if t.device.type == "cuda" else ""
+        return f"tensors on {t.device}: gpt2fast._C has no {t.device.type} kernel of {op}{rebuild}"
     return None
 
 
