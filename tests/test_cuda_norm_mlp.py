@@ -18,6 +18,7 @@ import torch
 import gpt2fast
 from gpt2fast import ops
 from gpt2fast.ops import cuda_backend as cb
+from gpt2fast.ops import formulas
 from conftest import assert_close, fallback_records, randn
 from test_ops_layer_norm import make_inputs, naive_layer_norm
 from test_ops_mlp import mlp_weights, naive_gelu_mlp, naive_gelu_tanh
@@ -138,19 +139,19 @@ def bias_gelu_backward64(grad_y, x, bias):
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-def test_layer_norm_autograd_formula_routes_the_gradients(monkeypatch, with_residual):
+def test_layer_norm_autograd_formula_routes_the_gradients(with_residual):
     """setup_context saves h (x without a residual); dh reaches x, and residual when there is one."""
-    stand_in = lambda grad_y, grad_h, h, weight, mean, rstd: tuple(  # noqa: E731
-        t.float() for t in layer_norm_backward64(grad_y, grad_h, h, weight))
-    monkeypatch.setattr(torch.ops.gpt2fast, "layer_norm_backward_cuda", stand_in, raising=False)
+    backward, setup_context = formulas.layer_norm_autograd(
+        lambda grad_y, grad_h, h, weight, mean, rstd: tuple(t.float() for t in layer_norm_backward64(grad_y, grad_h,
+                                                                                                    h, weight)))
     x, weight, bias, eps, residual = ln_args(100)
     residual = residual if with_residual else None
     h = x + residual if with_residual else torch.empty(0)
     mean, rstd = torch.empty(3), torch.empty(3)  # only passed on to the backward operator, stood in for here
     ctx = Context()
-    cb._layer_norm_setup_context(ctx, (x, weight, bias, eps, residual), (None, h, mean, rstd))
+    setup_context(ctx, (x, weight, bias, eps, residual), (None, h, mean, rstd))
     grad_y, grad_h = randn(3, 100, seed=6), randn(3, 100, seed=7)
-    dx, dweight, dbias, d_eps, d_residual = cb._layer_norm_backward(ctx, grad_y, grad_h, None, None)
+    dx, dweight, dbias, d_eps, d_residual = backward(ctx, grad_y, grad_h, None, None)
 
     leaves = [t.double().requires_grad_() for t in (x, weight, bias, residual if with_residual else x)]
     h64 = leaves[0] + leaves[3] if with_residual else leaves[0]

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import formulas
 from .registry import register, register_backend
 
 NAME = "cuda"
@@ -55,51 +56,34 @@ def _refusal(op: str, t: Tensor, *no_grad: Tensor) -> Optional[str]:
 def _register_python_parts() -> None:
     """Fake (meta) functions and autograd formulas of the operators the loaded extension defines (a build
     older than an op lacks it; _refusal then keeps the op on the reference)."""
+    ops = torch.ops.gpt2fast
     fakes = {
-        "layer_norm_cuda": _layer_norm_fake,
-        "layer_norm_backward_cuda": lambda grad_y, grad_h, h, weight, mean, rstd: (
-            h.new_empty(h.shape), torch.empty_like(weight), torch.empty_like(weight)),
-        "bias_gelu_cuda": lambda x, bias: x.new_empty(x.shape),
-        "bias_gelu_backward_cuda": lambda grad_y, x, bias: (x.new_empty(x.shape), torch.empty_like(bias)),
+        "layer_norm_cuda": formulas.layer_norm_fake,
+        "layer_norm_backward_cuda": formulas.layer_norm_backward_fake,
+        "bias_gelu_cuda": formulas.bias_gelu_fake,
+        "bias_gelu_backward_cuda": formulas.bias_gelu_backward_fake,
         "gelu_mlp_cuda": _gelu_mlp_fake,
-        "causal_attention_cuda": lambda q, k, v: (q.new_empty(q.shape),
-                                                  q.new_empty(q.shape[:-1], dtype=torch.float32)),
+        "causal_attention_cuda": formulas.causal_attention_fake,
         "decode_attention_cuda": lambda q, k_cache, v_cache, lengths: q.new_empty(q.shape),
         "sample_cuda": lambda logits, *params: logits.new_empty(logits.shape[0], dtype=torch.int64),
     }
-    autograd = {"layer_norm_cuda": (_layer_norm_backward, _layer_norm_setup_context),
-                "bias_gelu_cuda": (_bias_gelu_backward, _save_inputs),
-                "gelu_mlp_cuda": (_gelu_mlp_backward, _gelu_mlp_setup_context)}
     for op, fake in fakes.items():
-        if hasattr(torch.ops.gpt2fast, op):
+        if hasattr(ops, op):
             torch.library.register_fake(f"gpt2fast::{op}")(fake)
-    for op, (backward, setup_context) in autograd.items():
-        if hasattr(torch.ops.gpt2fast, op):
+    autograd = {  # built lazily: a formula names its backward op, which exists only in a build that has it
+        "layer_norm_cuda": lambda: formulas.layer_norm_autograd(ops.layer_norm_backward_cuda),
+        "bias_gelu_cuda": lambda: formulas.bias_gelu_autograd(ops.bias_gelu_backward_cuda),
+        "gelu_mlp_cuda": lambda: (_gelu_mlp_backward, _gelu_mlp_setup_context),
+    }
+    for op, formula in autograd.items():
+        if hasattr(ops, op):
+            backward, setup_context = formula()
             torch.library.register_autograd(f"gpt2fast::{op}", backward, setup_context=setup_context)
 
 
 # ---- layer_norm ----
 
 LAYER_NORM_MAX_WIDTH = 8192  # csrc/gpt2fast.h's layer_norm_max_width: the kernels hold a row in registers
-
-
-def _layer_norm_fake(x, weight, bias, eps, residual):
-    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return x.new_empty(x.shape), x.new_empty(0 if residual is None else x.shape), stats, torch.empty_like(stats)
-
-
-def _layer_norm_setup_context(ctx, inputs, output):
-    x, weight, _, _, residual = inputs
-    _, h, mean, rstd = output
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(h if ctx.has_residual else x, weight, mean, rstd)
-
-
-def _layer_norm_backward(ctx, grad_y, grad_h, _grad_mean, _grad_rstd):
-    h, weight, mean, rstd = ctx.saved_tensors
-    grad_h = grad_h if ctx.has_residual else None  # else the grad of the empty placeholder output
-    dh, dweight, dbias = torch.ops.gpt2fast.layer_norm_backward_cuda(grad_y, grad_h, h, weight, mean, rstd)
-    return dh, dweight, dbias, None, dh if ctx.has_residual else None
 
 
 def _layer_norm_supports(x, weight, bias, eps=1e-5, residual=None) -> Optional[str]:
@@ -115,14 +99,6 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None):
 
 
 # ---- bias_gelu and gelu_mlp ----
-
-
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _bias_gelu_backward(ctx, grad_y):
-    return torch.ops.gpt2fast.bias_gelu_backward_cuda(grad_y, *ctx.saved_tensors)
 
 
 def _gelu_mlp_fake(x, w_fc, b_fc, w_proj, b_proj):

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import formulas
 from .registry import register, register_backend
 
 NAME = "triton"
@@ -87,10 +88,7 @@ def layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     return y, x.new_empty(0) if h is None else h, mean, rstd
 
 
-@layer_norm_op.register_fake
-def _(x, weight, bias, eps, residual):
-    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return x.new_empty(x.shape), x.new_empty(0 if residual is None else x.shape), stats, torch.empty_like(stats)
+layer_norm_op.register_fake(formulas.layer_norm_fake)
 
 
 @torch.library.custom_op("gpt2fast::layer_norm_backward_triton", mutates_args=())
@@ -100,26 +98,9 @@ def layer_norm_backward_op(grad_y: Tensor, grad_h: Optional[Tensor], h: Tensor, 
     return _kernels("layer_norm").layer_norm_backward(grad_y, grad_h, h, weight, mean, rstd)
 
 
-@layer_norm_backward_op.register_fake
-def _(grad_y, grad_h, h, weight, mean, rstd):
-    return h.new_empty(h.shape), torch.empty_like(weight), torch.empty_like(weight)
-
-
-def _layer_norm_setup_context(ctx, inputs, output):
-    x, weight, _, _, residual = inputs
-    _, h, mean, rstd = output
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(h if ctx.has_residual else x, weight, mean, rstd)
-
-
-def _layer_norm_backward(ctx, grad_y, grad_h, _grad_mean, _grad_rstd):
-    h, weight, mean, rstd = ctx.saved_tensors
-    grad_h = grad_h if ctx.has_residual else None  # else the grad of the empty placeholder output
-    dh, dweight, dbias = layer_norm_backward_op(grad_y, grad_h, h, weight, mean, rstd)
-    return dh, dweight, dbias, None, dh if ctx.has_residual else None
-
-
-layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
+layer_norm_backward_op.register_fake(formulas.layer_norm_backward_fake)
+_backward, _setup_context = formulas.layer_norm_autograd(layer_norm_backward_op)
+layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _layer_norm_supports(x, weight, bias, eps=1e-5, residual=None) -> Optional[str]:
@@ -144,9 +125,7 @@ def bias_gelu_op(x: Tensor, bias: Tensor) -> Tensor:
     return _kernels("bias_gelu").bias_gelu_forward(x, bias)
 
 
-@bias_gelu_op.register_fake
-def _(x, bias):
-    return x.new_empty(x.shape)
+bias_gelu_op.register_fake(formulas.bias_gelu_fake)
 
 
 @torch.library.custom_op("gpt2fast::bias_gelu_backward_triton", mutates_args=())
@@ -155,20 +134,9 @@ def bias_gelu_backward_op(grad_y: Tensor, x: Tensor, bias: Tensor) -> tuple[Tens
     return _kernels("bias_gelu").bias_gelu_backward(grad_y, x, bias)
 
 
-@bias_gelu_backward_op.register_fake
-def _(grad_y, x, bias):
-    return x.new_empty(x.shape), torch.empty_like(bias)
-
-
-def _bias_gelu_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _bias_gelu_backward(ctx, grad_y):
-    return bias_gelu_backward_op(grad_y, *ctx.saved_tensors)
-
-
-bias_gelu_op.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup_context)
+bias_gelu_backward_op.register_fake(formulas.bias_gelu_backward_fake)
+_backward, _setup_context = formulas.bias_gelu_autograd(bias_gelu_backward_op)
+bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _bias_gelu_supports(x, bias) -> Optional[str]:
@@ -189,9 +157,7 @@ def causal_attention_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor
     return _kernels("causal_attention").causal_attention_forward(q, k, v)
 
 
-@causal_attention_op.register_fake
-def _(q, k, v):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+causal_attention_op.register_fake(formulas.causal_attention_fake)
 
 
 @torch.library.custom_op("gpt2fast::causal_attention_backward_triton", mutates_args=())
