@@ -12,37 +12,15 @@
 #include <vector>
 
 #include "bench.h"
+#include "check.h"
 #include "gpt2fast.h"
 
 namespace {
 
-#define CHECK_CUDA(call)                                                                           \
-  do {                                                                                             \
-    const cudaError_t err_ = (call);                                                               \
-    if (err_ != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
-      std::exit(2);                                                                                \
-    }                                                                                              \
-  } while (0)
-
-template <typename T> constexpr gpt2fast::DType kDType = gpt2fast::DType::Float32;
-template <> constexpr gpt2fast::DType kDType<__half> = gpt2fast::DType::Float16;
-template <> constexpr gpt2fast::DType kDType<__nv_bfloat16> = gpt2fast::DType::BFloat16;
-template <typename T> const char* kName = "float32";
-template <> const char* kName<__half> = "float16";
-template <> const char* kName<__nv_bfloat16> = "bfloat16";
-
 // n elements of N(shift, 1) on the device (their values only keep the arithmetic away from zeros and NaN).
 template <typename T>
 T* random_device(int64_t n, uint64_t seed, float shift = 0.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(shift, 1.0f);
-  std::vector<T> host(n);
-  for (auto& v : host) v = T(normal(rng));
-  T* device = nullptr;
-  CHECK_CUDA(cudaMalloc(&device, n * sizeof(T)));
-  CHECK_CUDA(cudaMemcpy(device, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  return device;
+  return check::to_device<T>(check::randn(n, seed, 1.0f, shift));
 }
 
 template <typename T>
@@ -67,18 +45,18 @@ void bench_shape(int64_t rows, int64_t width, bool residual) {
   CHECK_CUDA(gpt2fast::layer_norm_backward_workspace(rows, width, &workspace_elements));
   CHECK_CUDA(cudaMalloc(&workspace, workspace_elements * sizeof(float)));
 
-  const std::string shape = std::string(kName<T>) + " " + std::to_string(rows) + "x" + std::to_string(width) +
+  const std::string shape = std::string(check::dtype_name<T>) + " " + std::to_string(rows) + "x" + std::to_string(width) +
                             (residual ? " +residual" : "");
   const double tensor = double(n) * sizeof(T), vector = double(width) * sizeof(T), stats = 2.0 * rows * sizeof(float);
   const double forward = bench::median_seconds([&] {
-    CHECK_CUDA(gpt2fast::layer_norm_forward_cuda(kDType<T>, x, width, r, width, weight, bias, y, h, mean, rstd, rows,
+    CHECK_CUDA(gpt2fast::layer_norm_forward_cuda(check::dtype_of<T>, x, width, r, width, weight, bias, y, h, mean, rstd, rows,
                                                  width, 1e-5f, nullptr));
   });
   // x (+ residual) in, y (+ h) out, weight and bias in, mean and rstd out.
   bench::report(("layer_norm forward  " + shape).c_str(), forward, (residual ? 4 : 2) * tensor + 2 * vector + stats, 0);
   const T* saved = residual ? h : x;
   const double backward = bench::median_seconds([&] {
-    CHECK_CUDA(gpt2fast::layer_norm_backward_cuda(kDType<T>, grad_y, width, grad_h, width, saved, width, weight, mean,
+    CHECK_CUDA(gpt2fast::layer_norm_backward_cuda(check::dtype_of<T>, grad_y, width, grad_h, width, saved, width, weight, mean,
                                                   rstd, dh, dweight, dbias, workspace, workspace_elements, rows, width,
                                                   nullptr));
   });

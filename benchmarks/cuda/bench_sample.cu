@@ -10,18 +10,10 @@
 #include <vector>
 
 #include "bench.h"
+#include "check.h"
 #include "gpt2fast.h"
 
 namespace {
-
-#define CHECK_CUDA(call)                                                                                \
-  do {                                                                                                  \
-    cudaError_t err_ = (call);                                                                          \
-    if (err_ != cudaSuccess) {                                                                          \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_));     \
-      std::exit(2);                                                                                     \
-    }                                                                                                   \
-  } while (0)
 
 // randn * 4 by Box-Muller from a fixed LCG: the same logits on every run.
 std::vector<float> logits(size_t n) {

@@ -1,4 +1,5 @@
-// Helpers for the standalone CUDA tests (tests/cuda/test_<op>.cu, built by CMakeLists.txt, no Python):
+// Helpers for the standalone CUDA tests and benchmarks (tests/cuda/test_<op>.cu, benchmarks/cuda/bench_<op>.cu,
+// built by CMakeLists.txt, no Python):
 // seeded random host data, device buffers, bf16/fp16 conversions and a comparison with a tolerance.
 // Each test computes its reference on the host in double and returns nonzero on the first mismatch.
 #pragma once
@@ -43,6 +44,14 @@ template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __f
 inline float to_float(float x) { return x; }
 inline float to_float(__half x) { return __half2float(x); }
 inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// The launchers' element type, and its name, for each T.
+template <typename T> constexpr gpt2fast::DType dtype_of = gpt2fast::DType::Float32;
+template <> constexpr gpt2fast::DType dtype_of<__half> = gpt2fast::DType::Float16;
+template <> constexpr gpt2fast::DType dtype_of<__nv_bfloat16> = gpt2fast::DType::BFloat16;
+template <typename T> constexpr const char* dtype_name = "float32";
+template <> constexpr const char* dtype_name<__half> = "float16";
+template <> constexpr const char* dtype_name<__nv_bfloat16> = "bfloat16";
 
 // Host values rounded to T and copied to a new device buffer; `rounded` gets them back as floats, so that
 // the host reference sees exactly what the kernel reads.

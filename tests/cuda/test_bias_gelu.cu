@@ -12,13 +12,6 @@ namespace {
 
 constexpr size_t kGuard = 64;  // NaN elements past each output's end, which no kernel may write
 
-template <typename T> constexpr gpt2fast::DType kDType = gpt2fast::DType::Float32;
-template <> constexpr gpt2fast::DType kDType<__half> = gpt2fast::DType::Float16;
-template <> constexpr gpt2fast::DType kDType<__nv_bfloat16> = gpt2fast::DType::BFloat16;
-template <typename T> const char* kName = "float32";
-template <> const char* kName<__half> = "float16";
-template <> const char* kName<__nv_bfloat16> = "bfloat16";
-
 template <typename T>
 bool guard_intact(const std::string& what, const T* device, size_t n) {
   for (float v : check::to_host(device + n, kGuard)) {
@@ -48,7 +41,7 @@ struct Case {
 template <typename T>
 bool run_case(const Case& c, uint64_t seed) {
   const int64_t n = c.width, dense = c.rows * n;
-  const std::string name = std::string(kName<T>) + " " + std::to_string(c.rows) + "x" + std::to_string(n) +
+  const std::string name = std::string(check::dtype_name<T>) + " " + std::to_string(c.rows) + "x" + std::to_string(n) +
                            (c.bias ? "" : " no bias") +
                            (c.x_stride != n ? " stride " + std::to_string(c.x_stride) : "");
   // Spread over [-7, 7] or so: GELU's negative tail, its minimum near -0.75 and its linear part.
@@ -68,7 +61,7 @@ bool run_case(const Case& c, uint64_t seed) {
     }
   }
 
-  CHECK_CUDA(gpt2fast::bias_gelu_forward_cuda(kDType<T>, d_x, c.x_stride, d_bias, d_y, c.rows, n, nullptr));
+  CHECK_CUDA(gpt2fast::bias_gelu_forward_cuda(check::dtype_of<T>, d_x, c.x_stride, d_bias, d_y, c.rows, n, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
   const double rtol = check::rtol<T>();
   bool ok = check::close((name + " y").c_str(), check::to_host(d_y, dense), want_y, rtol, rtol) &&
@@ -81,7 +74,7 @@ bool run_case(const Case& c, uint64_t seed) {
     T* d_dx = check::poisoned<T>(dense + kGuard);
     T* d_dbias = check::poisoned<T>(n + kGuard);
     float* d_workspace = check::poisoned<float>(workspace_elements);  // every element read must be written first
-    CHECK_CUDA(gpt2fast::bias_gelu_backward_cuda(kDType<T>, d_grad_y, n, d_x, c.x_stride, d_bias, d_dx, d_dbias,
+    CHECK_CUDA(gpt2fast::bias_gelu_backward_cuda(check::dtype_of<T>, d_grad_y, n, d_x, c.x_stride, d_bias, d_dx, d_dbias,
                                                  d_workspace, workspace_elements, c.rows, n, nullptr));
     CHECK_CUDA(cudaDeviceSynchronize());
     const std::vector<float> dx = check::to_host(d_dx, dense), dbias = check::to_host(d_dbias, n);

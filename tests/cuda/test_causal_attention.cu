@@ -12,9 +12,6 @@
 
 namespace {
 
-template <typename T> constexpr gpt2fast::DType kDType = gpt2fast::DType::Float32;
-template <> constexpr gpt2fast::DType kDType<__half> = gpt2fast::DType::Float16;
-template <> constexpr gpt2fast::DType kDType<__nv_bfloat16> = gpt2fast::DType::BFloat16;
 template <typename T> constexpr double kAtol = 1e-5;
 template <> constexpr double kAtol<__half> = 1e-3;
 template <> constexpr double kAtol<__nv_bfloat16> = 1e-2;
@@ -92,7 +89,7 @@ bool run(const Case& c, uint64_t seed) {
   T* v = check::to_device<T>(check::randn(at.buffer_size, seed + 2), &v_host);
   T* out = check::poisoned<T>(n);
   float* lse = check::poisoned<float>(rows);
-  CHECK_CUDA(gpt2fast::causal_attention_forward_cuda(kDType<T>, q + at.q_offset, at.strides, k + at.k_offset,
+  CHECK_CUDA(gpt2fast::causal_attention_forward_cuda(check::dtype_of<T>, q + at.q_offset, at.strides, k + at.k_offset,
                                                      at.strides, v + at.v_offset, at.strides, out, lse, c.batch,
                                                      c.heads, c.seq_len, c.head_dim, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());

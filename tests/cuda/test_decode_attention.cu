@@ -14,9 +14,6 @@
 
 namespace {
 
-template <typename T> constexpr gpt2fast::DType kDType = gpt2fast::DType::Float32;
-template <> constexpr gpt2fast::DType kDType<__half> = gpt2fast::DType::Float16;
-template <> constexpr gpt2fast::DType kDType<__nv_bfloat16> = gpt2fast::DType::BFloat16;
 template <typename T> constexpr double kAtol = 1e-5;
 template <> constexpr double kAtol<__half> = 1e-3;
 template <> constexpr double kAtol<__nv_bfloat16> = 1e-2;
@@ -99,7 +96,7 @@ bool run(const Case& c, int splits, bool token_major, bool int64_lengths, uint64
   float* partial_acc = check::poisoned<float>(B * H * splits * Tq * D);
   float* partial_max = check::poisoned<float>(B * H * splits * Tq);
   float* partial_sum = check::poisoned<float>(B * H * splits * Tq);
-  CHECK_CUDA(gpt2fast::decode_attention_cuda(kDType<T>, q, qs, k, cs, v, cs, lengths, int64_lengths, out, partial_acc,
+  CHECK_CUDA(gpt2fast::decode_attention_cuda(check::dtype_of<T>, q, qs, k, cs, v, cs, lengths, int64_lengths, out, partial_acc,
                                              partial_max, partial_sum, B, H, Tq, S, D, splits, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
   const char* dtype = sizeof(T) == 4 ? "fp32" : std::is_same_v<T, __half> ? "fp16" : "bf16";

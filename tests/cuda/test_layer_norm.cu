@@ -14,13 +14,6 @@ namespace {
 constexpr float kEps = 1e-5f;
 constexpr size_t kGuard = 64;  // NaN elements past each output's end, which no kernel may write
 
-template <typename T> constexpr gpt2fast::DType kDType = gpt2fast::DType::Float32;
-template <> constexpr gpt2fast::DType kDType<__half> = gpt2fast::DType::Float16;
-template <> constexpr gpt2fast::DType kDType<__nv_bfloat16> = gpt2fast::DType::BFloat16;
-template <typename T> const char* kName = "float32";
-template <> const char* kName<__half> = "float16";
-template <> const char* kName<__nv_bfloat16> = "bfloat16";
-
 template <typename T>
 float round_to(float x) {
   return check::to_float(check::from_float<T>(x));
@@ -88,7 +81,7 @@ template <typename T>
 bool run_case(const Case& c, uint64_t seed) {
   const int64_t n = c.width, dense = c.rows * n;
   const int64_t allocated = std::max<int64_t>(dense, 1);  // no zero-byte buffers where there are no rows
-  const std::string name = std::string(kName<T>) + " " + std::to_string(c.rows) + "x" + std::to_string(n) +
+  const std::string name = std::string(check::dtype_name<T>) + " " + std::to_string(c.rows) + "x" + std::to_string(n) +
                            (c.residual ? " +residual" : "") +
                            (c.x_stride != n ? " stride " + std::to_string(c.x_stride) : "");
   // A non-zero mean, so that a kernel letting missing columns into the statistics shows.
@@ -104,7 +97,7 @@ bool run_case(const Case& c, uint64_t seed) {
   float* d_mean = check::poisoned<float>(c.rows + kGuard);
   float* d_rstd = check::poisoned<float>(c.rows + kGuard);
 
-  CHECK_CUDA(gpt2fast::layer_norm_forward_cuda(kDType<T>, d_x, c.x_stride, d_residual, n, d_weight, d_bias, d_y, d_h,
+  CHECK_CUDA(gpt2fast::layer_norm_forward_cuda(check::dtype_of<T>, d_x, c.x_stride, d_residual, n, d_weight, d_bias, d_y, d_h,
                                                d_mean, d_rstd, c.rows, n, kEps, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
   const Reference want = reference(c, x, residual, weight, bias, grad_y, grad_h, round_to<T>);
@@ -131,7 +124,7 @@ bool run_case(const Case& c, uint64_t seed) {
     T* d_dweight = check::poisoned<T>(n + kGuard);
     T* d_dbias = check::poisoned<T>(n + kGuard);
     float* d_workspace = check::poisoned<float>(workspace_elements);  // every element read must be written first
-    CHECK_CUDA(gpt2fast::layer_norm_backward_cuda(kDType<T>, d_grad_y, n, d_grad_h, n, d_saved, saved_stride, d_weight,
+    CHECK_CUDA(gpt2fast::layer_norm_backward_cuda(check::dtype_of<T>, d_grad_y, n, d_grad_h, n, d_saved, saved_stride, d_weight,
                                                   d_mean, d_rstd, d_dh, d_dweight, d_dbias, d_workspace,
                                                   workspace_elements, c.rows, n, nullptr));
     CHECK_CUDA(cudaDeviceSynchronize());

@@ -94,11 +94,6 @@ struct Device {
   }
 };
 
-template <typename T> constexpr gpt2fast::DType dtype_of();
-template <> constexpr gpt2fast::DType dtype_of<float>() { return gpt2fast::DType::Float32; }
-template <> constexpr gpt2fast::DType dtype_of<__half>() { return gpt2fast::DType::Float16; }
-template <> constexpr gpt2fast::DType dtype_of<__nv_bfloat16>() { return gpt2fast::DType::BFloat16; }
-
 // Draws from `rows` rows of V logits, stored `stride` apart, with several seeds: every id in its row's
 // allowed set.
 template <typename T>
@@ -110,7 +105,7 @@ bool support(Device& device, const char* what, const std::vector<float>& host, i
   for (int64_t r = 0; r < rows; ++r) kept.push_back(distribution(seen.data() + r * stride, V, params, 1e-5));
   bool ok = true;
   for (int64_t seed = 0; seed < 4 && ok; ++seed) {
-    const std::vector<int64_t> ids = device.sample(dtype_of<T>(), logits, stride, rows, V, params, seed);
+    const std::vector<int64_t> ids = device.sample(check::dtype_of<T>, logits, stride, rows, V, params, seed);
     for (int64_t r = 0; r < rows && ok; ++r) {
       if (ids[r] < 0 || ids[r] >= V || !kept[r].allowed[ids[r]]) {
         std::fprintf(stderr, "FAIL %s: row %lld drew %lld, outside the kept set\n", describe(what, V, params).c_str(),
