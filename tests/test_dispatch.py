@@ -343,6 +343,7 @@ def small_args(op):
         "gelu_mlp": (r(2, 8), r(32, 8), r(32), r(8, 32), r(8)),
         "bias_gelu": (r(2, 8), r(8)),
         "sample": (r(2, 5), 1.0, None, None, None),
+        "linear_cross_entropy": (r(3, 8), r(11, 8), torch.tensor([0, -100, 10]), -100, "mean"),
     }[op]
 
 
@@ -374,6 +375,7 @@ def valid_kwargs(op):
         "bias_gelu": lambda: dict(x=t(3, 8), bias=t(8)),
         "gelu_mlp": lambda: dict(x=t(2, 8), w_fc=t(8, 32), b_fc=t(32), w_proj=t(32, 8), b_proj=t(8)),
         "sample": lambda: dict(logits=t(2, 5)),
+        "linear_cross_entropy": lambda: dict(x=t(3, 8), weight=t(11, 8), targets=torch.tensor([0, -100, 10])),
     }[op]()
 
 
@@ -416,6 +418,11 @@ BAD_INPUTS = [
     ("decode_attention", dict(k_cache=t(2, 2, 6, 8, dtype=BF16)), ValueError, r"k_cache is torch.bfloat16"),
     ("decode_attention", dict(v_cache=t(2, 2, 6, 8, device="meta")), ValueError, r"v_cache is on meta"),
     ("decode_attention", INTEGER, TypeError, r"floating-point"),
+    ("decode_attention", dict(k_new=t(2, 2, 1, 8)), ValueError, r"pass both k_new and v_new, or neither"),
+    ("decode_attention", dict(k_new=t(2, 2, 2, 8), v_new=t(2, 2, 2, 8)), ValueError,
+     r"k_new has shape \(2, 2, 2, 8\), expected \(2, 2, 1, 8\)"),
+    ("decode_attention", dict(k_new=t(2, 2, 1, 8), v_new=t(2, 2, 1, 8, dtype=BF16)), ValueError,
+     r"v_new is torch.bfloat16"),
     ("bias_gelu", dict(bias=t(3)), ValueError, r"bias has shape \(3,\), expected \(8,\)"),
     ("bias_gelu", dict(bias=t(8, dtype=F16)), ValueError, r"bias is torch.float16"),
     ("bias_gelu", dict(bias=t(8, device="meta")), ValueError, r"bias is on meta"),

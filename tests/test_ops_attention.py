@@ -182,6 +182,26 @@ def test_decode_attention_equals_causal_attention_on_a_prompt_cache(backend, dev
     assert_close(decoded, prefill[:, :, -Tq:].double(), scale=2)
 
 
+@pytest.mark.parametrize("case", DECODE_CASES, ids=_decode_id)
+def test_decode_attention_appends_new_keys_and_values(backend, device, dtype, case):
+    """With k_new/v_new, the caches hold NaN where the new tokens go: the call writes them there, touches
+    nothing else, and attends as if they had been there all along."""
+    B, H, S, D, lengths, Tq = case
+    q = randn(B, H, Tq, D, dtype=dtype, device=device, seed=11, scale=2.0)
+    k_new = randn(B, H, Tq, D, dtype=dtype, device=device, seed=12)
+    v_new = randn(B, H, Tq, D, dtype=dtype, device=device, seed=13)
+    k, v = kv_cache(B, H, S, D, [n - Tq for n in lengths], dtype, device, seed=14, garbage=math.nan)
+    expected_k, expected_v = k.clone(), v.clone()
+    for b, length in enumerate(lengths):
+        expected_k[b, :, length - Tq:length], expected_v[b, :, length - Tq:length] = k_new[b], v_new[b]
+    lengths_t = torch.tensor(lengths, device=device)
+    with gpt2fast.use_backend(backend):
+        y = ops.decode_attention(q, k, v, lengths_t, k_new, v_new)
+    torch.testing.assert_close(k, expected_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v, expected_v, rtol=0, atol=0, equal_nan=True)
+    assert_close(y, naive_decode_attention(q, expected_k, expected_v, lengths_t))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("Tq", [1, 3])
 def test_decode_attention_gpt2_shapes_on_gpu(backend, dtype, Tq):

@@ -42,7 +42,7 @@ def warm_up(self, *args, grid, warmup, **kwargs):
                          num_warps=kernel.metadata.num_warps, cubin=len(kernel.asm["cubin"])))
 JITFunction.run = warm_up
 
-from gpt2fast.kernels import bias_gelu, causal_attention, decode_attention, gelu_mlp, layer_norm, sample
+from gpt2fast.kernels import bias_gelu, causal_attention, cross_entropy, decode_attention, gelu_mlp, layer_norm, sample
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     r = lambda *shape: torch.randn(*shape).to(dtype)
     x, w, b = r(4, 768), r(768), r(768)
@@ -60,10 +60,15 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         causal_attention.causal_attention_backward(q, q, q, q, out, lse.zero_())
     for D in decode_attention.HEAD_DIMS:
         decode_attention.decode_attention_forward(r(2, 2, 1, D), r(2, 2, 64, D), r(2, 2, 64, D), torch.tensor([5, 64]))
+        decode_attention.decode_attention_forward(r(2, 2, 1, D), r(2, 2, 64, D), r(2, 2, 64, D), torch.tensor([5, 64]),
+                                                  r(2, 2, 1, D), r(2, 2, 1, D))
     logits = r(2, 50257)
     seed = torch.tensor([0])
     sample.sample_forward(logits, 0.8, 50, 0.9, seed)
     sample.sample_forward(logits, 1.0, 0, 1.0, seed)
+    targets = torch.tensor([3, -100, 50256, 0])
+    cross_entropy.linear_cross_entropy_forward(r(4, 768), r(50257, 768), targets, -100, True, True, True)
+    cross_entropy.linear_cross_entropy_forward(r(4, 768), r(50257, 768), targets, -100, False, False, False)
 json.dump(compiled, sys.stdout)
 """
 
@@ -85,7 +90,7 @@ def jit_kernels(module_name):
 
 
 @pytest.mark.parametrize("module", ["layer_norm", "bias_gelu", "gelu_mlp", "causal_attention", "decode_attention",
-                                    "sample"])
+                                    "sample", "cross_entropy"])
 def test_every_kernel_compiles_for_sm90_within_shared_memory(compiled, module):
     kernels = jit_kernels(module)
     assert kernels, f"no kernels found in gpt2fast.kernels.{module}"

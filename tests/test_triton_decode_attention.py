@@ -75,10 +75,36 @@ def test_non_contiguous_cache_view(kernel):
     assert_close(y, naive_decode_attention(q, k, v, lengths_t))
 
 
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"B{c[0]}-S{c[2]}-D{c[3]}-Tq{c[5]}-splits{c[6]}")
+def test_append_across_chunk_edges_writes_the_cache_once_and_matches_naive(kernel, dtype, case):
+    """The new tokens' positions may straddle a chunk edge: each is written by the chunk that holds it."""
+    B, H, S, D, lengths, Tq, num_splits = case
+    q, k, v, lengths_t = decode_case(B, H, S, D, [n - Tq for n in lengths], Tq, dtype)
+    lengths_t += Tq
+    k_new = randn(B, H, Tq, D, dtype=dtype, device=DEVICE, seed=20)
+    v_new = randn(B, H, Tq, D, dtype=dtype, device=DEVICE, seed=21)
+    expected_k, expected_v = k.clone(), v.clone()
+    for b, length in enumerate(lengths):
+        expected_k[b, :, length - Tq:length], expected_v[b, :, length - Tq:length] = k_new[b], v_new[b]
+    y = kernel.decode_attention_forward(q, k, v, lengths_t, k_new, v_new, num_splits=num_splits)
+    torch.testing.assert_close(k, expected_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v, expected_v, rtol=0, atol=0, equal_nan=True)
+    assert_close(y, naive_decode_attention(q, expected_k, expected_v, lengths_t))
+
+
+def test_append_refuses_a_cache_it_could_not_write_in_place(kernel):
+    q, k, v, lengths = decode_case(1, 2, 16, 32, [8], 1)
+    strided = torch.empty(1, 2, 16, 64, device=DEVICE)[..., ::2]
+    with pytest.raises(ValueError, match="unit stride along the head dim"):
+        kernel.decode_attention_forward(q, strided, v, lengths, q, q)
+
+
 def test_custom_op_passes_opcheck():
     q, k, v, lengths = decode_case(2, 2, 24, 32, [5, 24], 2)
     k, v = k.nan_to_num(), v.nan_to_num()  # opcheck compares outputs, and NaN never equals NaN; unread anyway
     torch.library.opcheck(tb.decode_attention_op, (q, k, v, lengths))
+    k_new, v_new = (randn(2, 2, 2, 32, device=DEVICE, seed=seed) for seed in (30, 31))
+    torch.library.opcheck(tb.decode_attention_append_op, (q, k, v, lengths, k_new, v_new))
 
 
 def test_torch_compile_fullgraph_traces_the_custom_op():
@@ -124,8 +150,8 @@ def test_model_generates_the_references_greedy_tokens(monkeypatch):
     model = GPT2(GPT2Config(vocab_size=101, n_positions=32, n_embd=64, n_layer=2, n_head=2)).eval().to(DEVICE)
     ids = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     calls = []
-    monkeypatch.setattr(tb, "decode_attention_op",
-                        lambda *a, _op=tb.decode_attention_op: calls.append(a[0].shape[2]) or _op(*a))
+    monkeypatch.setattr(tb, "decode_attention_append_op",  # the model appends through the attention op
+                        lambda *a, _op=tb.decode_attention_append_op: calls.append(a[0].shape[2]) or _op(*a))
     with torch.no_grad(), gpt2fast.use_backend("torch"):
         expected = model.generate(ids, 6, do_sample=False)
     with torch.no_grad(), gpt2fast.use_backend("triton"):

@@ -193,3 +193,37 @@ def sample(s: Setting) -> list[Case]:
                  lambda batch=batch: make_args(batch), _sample_bytes, "bytes",
                  {"HF top-p": Impl(_hf_top_p_sample)})
             for batch in batches]
+
+
+# ---- linear_cross_entropy: the LM head and its loss, forward and backward, compute-bound ----
+
+def _unfused_cross_entropy(x, weight, targets, ignore_index, reduction):
+    """What a training step does without the op: all the logits, then the loss, then both gradients."""
+    loss = F.cross_entropy(x @ weight.T, targets, ignore_index=ignore_index, reduction=reduction)
+    return loss, *torch.autograd.grad(loss, (x, weight))
+
+
+def _liger_cross_entropy(x, weight, targets, ignore_index, reduction):
+    # optional: skipped where it does not import; like the op, it computes the gradients in its forward
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction=reduction)(weight, x, targets)
+
+
+def _cross_entropy_flops(x, weight, *_):
+    return 3 * 2 * x.shape[0] * x.shape[1] * weight.shape[0]  # the logits, then the gradients of x and weight
+
+
+@suite("linear_cross_entropy")
+def linear_cross_entropy(s: Setting) -> list[Case]:
+    shapes = s.pick(gpu=[(8192, 768), (8192, 1600)], cpu=[(256, 768)], quick=[(32, 256)])
+    peers = {"F.cross_entropy(x @ W.T)": Impl(_unfused_cross_entropy), "liger": Impl(_liger_cross_entropy)}
+
+    def make_args(rows, width):
+        # x and weight require grad, so that every backend computes the gradients in the call timed.
+        x = s.randn(rows, width).requires_grad_()
+        weight = s.randn(VOCAB, width, scale=width**-0.5).requires_grad_()
+        return x, weight, torch.randint(0, VOCAB, (rows,), device=s.device), -100, "mean"
+
+    return [Case("linear_cross_entropy", f"{rows}x{width} V{VOCAB} fwd+bwd", dict(rows=rows, width=width, V=VOCAB),
+                 lambda shape=(rows, width): make_args(*shape), _cross_entropy_flops, "flops", peers)
+            for rows, width in shapes]

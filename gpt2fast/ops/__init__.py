@@ -28,6 +28,7 @@ from .registry import (
 __all__ = [
     "OPS", "backends", "get_backend", "register", "register_backend", "set_backend", "use_backend",
     "layer_norm", "causal_attention", "decode_attention", "gelu_mlp", "bias_gelu", "sample", "linear",
+    "linear_cross_entropy",
 ]
 
 
@@ -75,15 +76,28 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return _dispatch("causal_attention", q.device, q, k, v)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     lengths: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                     k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None, *,
+                     lengths_checked: bool = False) -> torch.Tensor:
     """The Tq newest tokens of each sequence against its KV cache.
 
-    q [B, H, Tq, D]; k_cache, v_cache [B, H, S, D], already holding the new tokens' keys and values;
-    lengths [B] integer: valid cache entries per sequence, the new tokens included, so the i-th query
-    sits at position lengths - Tq + i and sees keys 0 .. that position. Returns [B, H, Tq, D].
+    q [B, H, Tq, D]; k_cache, v_cache [B, H, S, D]; lengths [B] integer: valid cache entries per sequence,
+    the new tokens included, so the i-th query sits at position lengths - Tq + i and sees keys 0 .. that
+    position. Returns [B, H, Tq, D].
+
+    Without k_new and v_new the caches already hold the new tokens' keys and values. With them
+    ([B, H, Tq, D] each), the call appends them: it writes them into the caches, in place, at positions
+    lengths - Tq .. lengths - 1, and attends as if they had been there (a backend may fuse the write into
+    the attention kernel, so that a decode step spends no launch on it).
+
+    lengths_checked=True skips the check that every length is in [Tq, S], for a caller that keeps its
+    lengths valid by construction: off the CPU the check is a few kernel launches, and a model would
+    otherwise pay them in every layer of every decode step.
     """
-    _same_device_and_dtype("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
+    if (k_new is None) != (v_new is None):
+        raise ValueError("decode_attention: pass both k_new and v_new, or neither")
+    new = {} if k_new is None else dict(k_new=k_new, v_new=v_new)
+    _same_device_and_dtype("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache, **new)
     if q.dim() != 4 or k_cache.dim() != 4:
         raise ValueError(f"decode_attention: q and caches must be 4-D, got {tuple(q.shape)}, {tuple(k_cache.shape)}")
     B, H, Tq, D = q.shape
@@ -91,19 +105,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _shape("decode_attention", "k_cache", k_cache, (B, H, S, D))
     _shape("decode_attention", "v_cache", v_cache, (B, H, S, D))
     _shape("decode_attention", "lengths", lengths, (B,))
+    for name, t in new.items():
+        _shape("decode_attention", name, t, q.shape)
     if lengths.dtype not in (torch.int32, torch.int64) or lengths.device != q.device:
         raise ValueError(f"decode_attention: lengths must be int32/int64 on {q.device}, "
                          f"got {lengths.dtype} on {lengths.device}")
     if Tq > S:
         raise ValueError(f"decode_attention: {Tq} queries do not fit a cache of {S} positions")
-    _check_lengths(lengths, Tq, S)
-    return _dispatch("decode_attention", q.device, q, k_cache, v_cache, lengths)
+    if not lengths_checked:
+        _check_lengths(lengths, Tq, S)
+    return _dispatch("decode_attention", q.device, q, k_cache, v_cache, lengths, k_new, v_new)
 
 
 def _require(ok: torch.Tensor, message: str) -> None:
     """ValueError(message) unless the bool tensor ok holds; off the CPU the check runs on the device,
-    asynchronously, so that the decode loop never waits for the host."""
-    if ok.device.type == "cpu":
+    asynchronously, so that the decode loop never waits for the host, and so it does in compiled code, which
+    cannot branch on a tensor's value (both raise a RuntimeError with the message)."""
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(ok):
             raise ValueError(message)
     else:
@@ -168,3 +186,35 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
         raise ValueError(f"sample: generator is on {generator.device} but logits are on {logits.device}")
     _check_logit_values(logits)
     return _dispatch("sample", logits.device, logits, temperature, top_k, top_p, generator)
+
+
+REDUCTIONS = ("mean", "sum")
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the logits x @ weight.T against targets, with no [N, V] logits held at once.
+
+    x [..., C]; weight [V, C] (nn.Linear's layout, as GPT-2's tied wte); targets x.shape[:-1], int64, each in
+    [0, V) or equal to ignore_index. Returns the mean ("mean") or the sum ("sum") of the losses of the rows
+    whose target is not ignore_index: a 0-dim tensor, fp32 (fp64 for fp64 inputs), differentiable in x and
+    weight. The mean over no valid target is 0, with zero gradients, where F.cross_entropy gives NaN: a batch
+    that is all padding then leaves the weights as they are rather than turning them to NaN.
+    """
+    _same_device_and_dtype("linear_cross_entropy", x=x, weight=weight)
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"linear_cross_entropy: x must be [..., C] and weight [V, C] with V >= 1, got shapes "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    _shape("linear_cross_entropy", "weight", weight, (weight.shape[0], x.shape[-1]))
+    _shape("linear_cross_entropy", "targets", targets, x.shape[:-1])
+    if targets.dtype != torch.int64 or targets.device != x.device:
+        raise ValueError(f"linear_cross_entropy: targets must be int64 on {x.device}, "
+                         f"got {targets.dtype} on {targets.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"linear_cross_entropy: ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    V = weight.shape[0]
+    _require((((targets >= 0) & (targets < V)) | (targets == ignore_index)).all(),
+             f"linear_cross_entropy: every target must be in [0, {V}) or equal ignore_index ({ignore_index})")
+    return _dispatch("linear_cross_entropy", x.device, x, weight, targets, ignore_index, reduction)

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import formulas
+from . import formulas, reference
 from .registry import register, register_backend
 
 NAME = "cuda"
@@ -22,6 +22,7 @@ def _probe() -> Optional[str]:
     except ImportError as e:
         return (f"the extension gpt2fast._C is not built ({type(e).__name__}: {e}); reinstall with "
                 f"`pip install --no-build-isolation -e .` where torch is installed")
+    _find_kernels()
     _register_python_parts()
     return None
 
@@ -29,14 +30,23 @@ def _probe() -> Optional[str]:
 register_backend(NAME, "C++ and CUDA kernels (csrc/, gpt2fast._C)", _probe)
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+# (op, device type) -> whether the loaded extension has that kernel; filled by the probe, so that the
+# `supports` checks are plain lookups that torch.compile can trace.
+_KERNELS: dict[tuple[str, str], bool] = {}
+
+
+def _find_kernels() -> None:
+    """Which kernels the loaded extension has. A build without CUDA (a CPU torch, or no nvcc) has none for
+    CUDA, and a build older than an op none at all."""
+    for qualified in torch._C._dispatch_get_all_op_names():
+        if qualified.startswith("gpt2fast::") and qualified.endswith("_cuda"):
+            for device_type, key in _DISPATCH_KEYS.items():
+                _KERNELS[qualified.split("::")[1], device_type] = \
+                    torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key)
 
 
 def _has_kernel(op: str, device_type: str) -> bool:
-    """Whether the loaded extension has a kernel of gpt2fast::`op` for this device type. A build without
-    CUDA (a CPU torch, or no nvcc) has none for CUDA, and a build older than an op none at all."""
-    key = _DISPATCH_KEYS.get(device_type)
-    return (key is not None and hasattr(torch.ops.gpt2fast, op)
-            and torch._C._dispatch_has_kernel_for_dispatch_key(f"gpt2fast::{op}", key))
+    return _KERNELS.get((op, device_type), False)
 
 
 def _refusal(op: str, t: Tensor, *no_grad: Tensor) -> Optional[str]:
@@ -155,7 +165,7 @@ DECODE_HEAD_DIMS = (16, 32, 64, 128)
 DECODE_MAX_QUERIES = 16  # the newest tokens of a sequence, as decoding appends them (csrc/gpt2fast.h)
 
 
-def _decode_attention_supports(q, k_cache, v_cache, lengths) -> Optional[str]:
+def _decode_attention_supports(q, k_cache, v_cache, lengths, k_new=None, v_new=None) -> Optional[str]:
     if q.shape[2] > DECODE_MAX_QUERIES:
         return f"{q.shape[2]} queries (the kernel takes 1 to {DECODE_MAX_QUERIES})"
     if q.shape[3] not in DECODE_HEAD_DIMS:
@@ -164,7 +174,9 @@ def _decode_attention_supports(q, k_cache, v_cache, lengths) -> Optional[str]:
 
 
 @register("decode_attention", NAME, supports=_decode_attention_supports)
-def decode_attention(q, k_cache, v_cache, lengths):
+def decode_attention(q, k_cache, v_cache, lengths, k_new=None, v_new=None):
+    if k_new is not None:  # not fused into the kernel yet: one scatter per cache, then the kernel
+        reference.append_kv(k_cache, v_cache, lengths, k_new, v_new)
     return torch.ops.gpt2fast.decode_attention_cuda(q, k_cache, v_cache, lengths)
 
 

@@ -3,7 +3,9 @@ autograd formulas, each built around a backend's own backward op.
 
 The `triton` ops (`gpt2fast::<op>_triton`) and the `cuda` ones (`gpt2fast::<op>_cuda`) of layer_norm,
 bias_gelu and causal_attention have the same outputs: layer_norm returns (y, h, mean, rstd), h empty
-without a residual (an output may not alias x); causal_attention returns (out, lse).
+without a residual (an output may not alias x); causal_attention returns (out, lse). linear_cross_entropy
+(a triton op only, so far) returns (loss, dx, dweight), its gradients computed in the forward, so that its
+formula needs no backward op.
 """
 from __future__ import annotations
 
@@ -60,5 +62,27 @@ def bias_gelu_autograd(backward_op: Callable) -> tuple[Callable, Callable]:
 
     def backward(ctx, grad_y):
         return backward_op(grad_y, *ctx.saved_tensors)
+
+    return backward, setup_context
+
+
+def linear_cross_entropy_fake(x, weight, targets, ignore_index, mean, grad_x, grad_weight):
+    return (x.new_empty((), dtype=torch.float32), x.new_empty(x.shape if grad_x else 0),
+            weight.new_empty(weight.shape if grad_weight else 0))
+
+
+def linear_cross_entropy_autograd() -> tuple[Callable, Callable]:
+    """(backward, setup_context) for a linear_cross_entropy op (x, weight, targets, ignore_index, mean, grad_x,
+    grad_weight) -> (loss, dx, dweight), whose forward already computes the loss's gradients (those asked for;
+    the others are empty): the backward only scales them by the gradient reaching the loss."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.grad_x, ctx.grad_weight = inputs[5:]
+        ctx.save_for_backward(*output[1:])
+
+    def backward(ctx, grad_loss, _grad_dx, _grad_dweight):
+        dx, dweight = ctx.saved_tensors
+        return (dx * grad_loss if ctx.grad_x else None, dweight * grad_loss if ctx.grad_weight else None,
+                None, None, None, None, None)
 
     return backward, setup_context

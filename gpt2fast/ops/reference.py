@@ -75,12 +75,23 @@ def decode_mask(lengths: torch.Tensor, n_queries: int, cache_len: int) -> torch.
     return (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]
 
 
+def append_kv(k_cache, v_cache, lengths, k_new, v_new) -> None:
+    """Write k_new, v_new [B, H, Tq, D] into the caches at positions lengths - Tq .. lengths - 1 (no host sync)."""
+    B, H, Tq, D = k_new.shape
+    positions = lengths[:, None].long() - Tq + torch.arange(Tq, device=lengths.device)
+    index = positions[:, None, :, None].expand(B, H, Tq, D)
+    k_cache.scatter_(2, index, k_new)
+    v_cache.scatter_(2, index, v_new)
+
+
 @register("decode_attention", REFERENCE)
-def decode_attention(q, k_cache, v_cache, lengths):
+def decode_attention(q, k_cache, v_cache, lengths, k_new=None, v_new=None):
+    if k_new is not None:
+        append_kv(k_cache, v_cache, lengths, k_new, v_new)
     if q.dtype in _LOW_PRECISION:
         return decode_attention(*_fp32(q, k_cache, v_cache), lengths).to(q.dtype)
     # Entries past a sequence's length may hold anything, NaN included.
-    if lengths.device.type == "cpu":
+    if lengths.device.type == "cpu" and not torch.compiler.is_compiling():
         # The lengths are at hand: each sequence attends to its own prefix and never touches the rest
         # (10x faster than masking the whole cache, measured at B=4, cache 512).
         return torch.cat([_attend_prefix(q[b:b + 1], k_cache[b:b + 1], v_cache[b:b + 1], n)
@@ -127,7 +138,8 @@ def _resolve_posinf(logits: torch.Tensor) -> torch.Tensor:
     """Rows holding +inf put all their mass, evenly, on the +inf entries (the limit of softmax)."""
     posinf = logits == math.inf
     has_posinf = posinf.any(dim=-1, keepdim=True)
-    if not bool(has_posinf.any()):
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(has_posinf.any()):
+        # A shortcut that reads a value: only where that costs no sync (the CPU) and breaks no graph.
         return logits
     inside = torch.where(posinf, 0.0, -math.inf)
     return torch.where(has_posinf, inside, logits)
@@ -172,4 +184,85 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     # can overflow the division to +inf.
     logits = logits - logits.max(dim=-1, keepdim=True).values
     probs = filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # argmax of p / E with E ~ Exp(1) draws i with probability p_i: what torch.multinomial does for one
+    # sample (the same ids from the same generator), without the host sync its input checks cost on CUDA,
+    # so that a CUDA graph can capture it.
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+# ---- linear_cross_entropy: the LM head and its loss, a chunk of rows at a time ----
+
+# A chunk's logits hold at most max(x.numel(), MIN_CHUNK_LOGITS) elements: no more than x itself (Liger-Kernel's
+# bound), yet never so few that a small batch is split, or that a GPU reads the whole weight for a handful of rows.
+MIN_CHUNK_LOGITS = 2**24  # 64 MiB in fp32
+
+
+def cross_entropy_chunk_rows(rows: int, width: int, vocab: int) -> int:
+    """Rows per chunk of linear_cross_entropy (the triton launcher's too, as is cross_entropy_scale)."""
+    return max(1, min(rows, max(rows * width, MIN_CHUNK_LOGITS) // vocab))
+
+
+def cross_entropy_scale(valid: torch.Tensor, mean: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The loss's factor over the sum of the rows' losses: 1 / (number of valid targets), 1 when there are none
+    (the mean over no target is 0), or 1 for a sum; a tensor, so that nothing waits for the device."""
+    if not mean:
+        return torch.ones((), dtype=dtype, device=valid.device)
+    return 1 / valid.sum().clamp(min=1).to(dtype)
+
+
+def chunked_linear_cross_entropy(x, weight, targets, ignore_index, mean, grad_x, grad_weight):
+    """(loss, d loss / d x or None, d loss / d weight or None), a chunk of rows at a time, in fp32 for low
+    precision inputs (fp64 for fp64 ones). Liger-Kernel's trick: each chunk's logits become their gradient,
+    softmax - onehot, while the chunk is at hand, so the [N, V] logits never exist and no backward recomputes them."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x2, t = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    w = weight.to(compute)
+    valid = t != ignore_index
+    scale = cross_entropy_scale(valid, mean, compute)
+    total = torch.zeros((), dtype=compute, device=x.device)
+    dx = torch.empty(x2.shape, dtype=compute, device=x.device) if grad_x else None
+    dw = torch.zeros_like(w) if grad_weight else None
+    step = cross_entropy_chunk_rows(*x2.shape, w.shape[0])
+    for start in range(0, x2.shape[0], step):
+        rows = slice(start, start + step)
+        xc, keep = x2[rows].to(compute), valid[rows]
+        tc = torch.where(keep, t[rows], 0)  # any id in range: ignored rows' terms are zeroed below
+        logp = (xc @ w.T).log_softmax(-1)
+        total -= torch.where(keep, logp.gather(1, tc[:, None]).squeeze(1), 0).sum()
+        if dx is None and dw is None:
+            continue
+        g = logp.exp_()
+        g[torch.arange(len(tc), device=x.device), tc] -= 1
+        g.mul_((keep * scale)[:, None])
+        if dx is not None:
+            torch.mm(g, w, out=dx[rows])
+        if dw is not None:
+            dw.addmm_(g.T, xc)
+    return (total * scale, None if dx is None else dx.to(x.dtype).view(x.shape),
+            None if dw is None else dw.to(weight.dtype))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The gradients come out of the forward; the backward scales them by the loss's own gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, ignore_index, mean, grad_x, grad_weight):
+        loss, dx, dw = chunked_linear_cross_entropy(x, weight, targets, ignore_index, mean, grad_x, grad_weight)
+        ctx.save_for_backward(dx, dw)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        dx, dw = ctx.saved_tensors
+        return (None if dx is None else dx * grad_loss, None if dw is None else dw * grad_loss,
+                None, None, None, None, None)
+
+
+@register("linear_cross_entropy", REFERENCE)
+def linear_cross_entropy(x, weight, targets, ignore_index=-100, reduction="mean"):
+    # Read here: inside forward grad mode is always off, and ctx.needs_input_grad ignores torch.no_grad().
+    grads = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, reduction == "mean",
+                                     grads and x.requires_grad, grads and weight.requires_grad)

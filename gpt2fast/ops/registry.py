@@ -20,7 +20,7 @@ import torch
 
 log = logging.getLogger("gpt2fast")
 
-OPS = ("layer_norm", "causal_attention", "decode_attention", "gelu_mlp", "bias_gelu", "sample")
+OPS = ("layer_norm", "causal_attention", "decode_attention", "gelu_mlp", "bias_gelu", "sample", "linear_cross_entropy")
 REFERENCE = "torch"
 CHOICES = ("auto", "torch", "triton", "cuda")
 

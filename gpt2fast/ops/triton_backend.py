@@ -252,21 +252,37 @@ def _(q, k_cache, v_cache, lengths):
     return q.new_empty(q.shape)
 
 
-def _decode_attention_supports(q, k_cache, v_cache, lengths) -> Optional[str]:
+@torch.library.custom_op("gpt2fast::decode_attention_append_triton", mutates_args=("k_cache", "v_cache"))
+def decode_attention_append_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
+                               k_new: Tensor, v_new: Tensor) -> Tensor:
+    return _kernels("decode_attention").decode_attention_forward(q, k_cache, v_cache, lengths, k_new, v_new)
+
+
+@decode_attention_append_op.register_fake
+def _(q, k_cache, v_cache, lengths, k_new, v_new):
+    return q.new_empty(q.shape)
+
+
+def _decode_attention_supports(q, k_cache, v_cache, lengths, k_new=None, v_new=None) -> Optional[str]:
     from gpt2fast.kernels.decode_attention import HEAD_DIMS, MAX_QUERIES
 
     if q.shape[2] > MAX_QUERIES:
         return f"{q.shape[2]} queries (the kernel takes 1 to {MAX_QUERIES})"
     if q.shape[3] not in HEAD_DIMS:
         return f"head dim {q.shape[3]} (the kernel takes {', '.join(map(str, HEAD_DIMS))})"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+    tensors = (q, k_cache, v_cache) + (() if k_new is None else (k_new, v_new))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "inputs that require grad (the kernel has no backward: decoding is inference)"
+    if k_new is not None and (k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1):
+        return "caches without a unit stride along the head dim (the kernel writes the new keys into them)"
     return _device_and_dtype(q)
 
 
 @register("decode_attention", NAME, supports=_decode_attention_supports)
-def decode_attention(q, k_cache, v_cache, lengths):
-    return decode_attention_op(q, k_cache, v_cache, lengths)
+def decode_attention(q, k_cache, v_cache, lengths, k_new=None, v_new=None):
+    if k_new is None:
+        return decode_attention_op(q, k_cache, v_cache, lengths)
+    return decode_attention_append_op(q, k_cache, v_cache, lengths, k_new, v_new)
 
 
 # ---- sample (no autograd: it draws integers) ----
@@ -290,3 +306,28 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     # so a seed gives the same ids and the generator's state advances, without a host sync.
     seed = torch.randint(0, 2**62, (1,), generator=generator, device=logits.device)
     return sample_op(logits, float(temperature), top_k or 0, 1.0 if top_p is None else float(top_p), seed)
+
+
+# ---- linear_cross_entropy: torch matmuls around a kernel that turns each chunk of logits into its gradient ----
+
+
+@torch.library.custom_op("gpt2fast::linear_cross_entropy_triton", mutates_args=())
+def linear_cross_entropy_op(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, mean: bool,
+                            grad_x: bool, grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, dx, dweight): the loss's gradients come out of the forward (each an empty tensor unless asked for),
+    so the backward only scales them."""
+    loss, dx, dw = _kernels("cross_entropy").linear_cross_entropy_forward(x, weight, targets, ignore_index, mean,
+                                                                          grad_x, grad_weight)
+    return loss, x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw
+
+
+linear_cross_entropy_op.register_fake(formulas.linear_cross_entropy_fake)
+_backward, _setup_context = formulas.linear_cross_entropy_autograd()
+linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register("linear_cross_entropy", NAME, supports=lambda x, *args: _device_and_dtype(x))
+def linear_cross_entropy(x, weight, targets, ignore_index=-100, reduction="mean"):
+    grads = torch.is_grad_enabled()
+    return linear_cross_entropy_op(x, weight, targets, ignore_index, reduction == "mean",
+                                   grads and x.requires_grad, grads and weight.requires_grad)[0]
