@@ -6,6 +6,8 @@ no attention is spent on padding and no mask is needed beyond each row's length.
 """
 from __future__ import annotations
 
+import weakref
+from collections import deque
 from typing import Iterator
 
 import torch
@@ -31,15 +33,187 @@ def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -
     return packed, lengths
 
 
+# How many decode steps may run ahead of the host's eos check on CUDA: the host waits on the flags of the
+# step `LOOKAHEAD` back, by which time that step has long finished, so the GPU never waits for the host.
+LOOKAHEAD = 3
+DECODE_MODES = ("auto", "graph", "compile", "eager")
+
+
+class Decoder:
+    """Decodes a batch one token per step over static buffers.
+
+    The buffers: a static KV cache, each sequence's last token, and the eos flags. One step (embed the
+    last tokens, every layer with its KV append, the final LayerNorm, the LM head on the new position,
+    sampling, the eos bookkeeping) reads and writes only them and never waits for the host, so that on
+    CUDA it is captured once in a CUDA graph and then replayed per token ("graph"); "compile" runs the
+    step through torch.compile (and captures that in a graph on CUDA); "eager" calls it as it is.
+
+    A decoder serves any number of generations with the same batch size, capacity and sampling settings:
+    `start` prefills a new batch of prompts into the same buffers, so the graph is captured once.
+    """
+
+    def __init__(self, model: GPT2, batch: int, capacity: int, *, temperature: float, top_k: int | None,
+                 top_p: float | None, eos_token_id: int | None, seeded: bool, mode: str):
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {mode!r}")
+        device = model.device
+        if mode == "graph" and device.type != "cuda":
+            raise ValueError(f"decode='graph' needs a CUDA device, the model is on {device}")
+        self.mode = ("graph" if device.type == "cuda" else "eager") if mode == "auto" else mode
+        # A weak reference: the model keeps its decoder (see decoder_for), and the decoder must not keep the model.
+        self._model = weakref.ref(model)
+        self.temperature, self.top_k, self.top_p, self.eos = temperature, top_k, top_p, eos_token_id
+        self.cache = model.new_cache(batch, capacity, static=True)
+        self.last = torch.zeros(batch, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.all_finished = torch.zeros((), dtype=torch.bool, device=device)
+        # A seeded decoder draws from its own generator, re-seeded by each `start`; else from torch's.
+        self.generator = torch.Generator(device=device) if seeded else None
+        # Only the model's step is compiled; sampling stays a call to our kernels (torch.compile takes no
+        # generator, and its own top-p fails inside inductor at batch > 1).
+        self._decode_step = torch.compile(GPT2.decode_step, fullgraph=True) if self.mode == "compile" \
+            else GPT2.decode_step
+        self.key: tuple = ()  # set by decoder_for
+        self._graph = None
+        self._warm = False  # a step has run eagerly: kernels compiled, as capture needs
+        # Steps the host's eos check may lag behind (see `tokens`); on the CPU every step runs before the
+        # host goes on anyway.
+        self.lookahead = LOOKAHEAD if device.type == "cuda" else 0
+        if device.type == "cuda":  # one slot per step in flight (see `tokens`)
+            self._host_flags = torch.empty(self.lookahead + 1, dtype=torch.bool, pin_memory=True)
+            self._events = [torch.cuda.Event() for _ in range(self.lookahead + 1)]
+
+    @property
+    def model(self) -> GPT2:
+        return self._model()
+
+    def start(self, ids: torch.Tensor, lengths: torch.Tensor, seed: int | None = None) -> None:
+        """Prefill packed prompts (ids [B, T], lengths [B]) and choose each sequence's first new token."""
+        self.cache.lengths.zero_()
+        self.cache.filled = 0
+        self.finished.zero_()
+        if self.generator is not None:
+            self.generator.manual_seed(seed)
+        logits = self.model._forward(ids, self.cache, input_lengths=lengths, last_only=True)[:, -1]
+        self._choose(logits)
+
+    def step(self) -> None:
+        """The next token of every sequence, into `last`."""
+        if self.cache.filled >= self.cache.capacity:
+            raise ValueError(f"the decoder's KV cache is full ({self.cache.capacity} positions)")
+        if self._graph is not None:
+            self._graph.replay()
+        elif self.mode in ("graph", "compile") and self._warm and self.model.device.type == "cuda":
+            self._capture()
+            self._graph.replay()
+        else:
+            self._step()
+            self._warm = True
+        self.cache.filled += 1
+
+    def _step(self) -> None:
+        self._choose(self._decode_step(self.model, self.last, self.cache))
+
+    def _choose(self, logits: torch.Tensor) -> None:
+        ids = ops.sample(logits, self.temperature, self.top_k, self.top_p, self.generator)
+        if self.eos is not None:
+            ids = ids.masked_fill(self.finished, self.eos)
+            self.finished |= ids == self.eos
+            self.all_finished.copy_(self.finished.all())
+        self.last.copy_(ids)
+
+    def _capture(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:  # torch's default generator is registered with every graph already
+            graph.register_generator_state(self.generator)
+        with torch.cuda.graph(graph):  # records the kernels of one step; none of them runs now
+            self._step()
+        self._graph = graph
+
+    def tokens(self, n: int) -> Iterator[torch.Tensor]:
+        """Run up to n steps (the first token is `start`'s); yield each step's tokens [B], a fresh tensor each.
+
+        With eos, the stream ends after the step where every sequence has finished. On CUDA the host learns
+        that a few steps late (LOOKAHEAD), from flags copied without blocking, and yields with that lag, so
+        that it ends on exactly that step without ever waiting on the step in flight.
+        """
+        out = torch.empty(n, self.last.shape[0], dtype=torch.long, device=self.last.device)
+        pending: deque = deque()
+        for s in range(n):
+            if s:
+                self.step()
+            out[s].copy_(self.last)
+            if self.eos is None:
+                yield out[s]
+                continue
+            pending.append((s, self._flag_of_step(s)))
+            if len(pending) > self.lookahead:
+                s0, flag = pending.popleft()
+                yield out[s0]
+                if flag():
+                    return
+        for s0, flag in pending:
+            yield out[s0]
+            if flag():
+                return
+
+    def _flag_of_step(self, s: int):
+        """A callable answering whether every sequence had finished after step s, the one just launched."""
+        if self.all_finished.device.type != "cuda":
+            done = bool(self.all_finished)
+            return lambda: done
+        slot = s % len(self._events)
+        host, event = self._host_flags[slot], self._events[slot]
+        host.copy_(self.all_finished, non_blocking=True)
+        event.record()
+        return lambda: event.synchronize() or bool(host)
+
+def _decoder_key(model, batch, capacity, temperature, top_k, top_p, eos, seeded, mode) -> tuple:
+    """What a reusable decoder must match: its settings, the backends its ops ran on, and the very weight
+    tensors (a CUDA graph holds their addresses; model.to() or reloading replaces them)."""
+    backends = tuple(ops.get_backend(op) for op in ops.OPS)
+    weights = tuple(p.data_ptr() for p in model.parameters()) + (model.dtype, str(model.device))
+    return batch, capacity, temperature, top_k, top_p, eos, seeded, mode, backends, weights
+
+
+# Each model's last decoder, kept for the next generation; dropped with the model.
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoder_for(model: GPT2, batch: int, capacity: int, *, temperature: float, top_k: int | None,
+                top_p: float | None, eos_token_id: int | None, seeded: bool, mode: str) -> Decoder:
+    """The model's last decoder if it matches, else a new one (which replaces it: one set of buffers per model)."""
+    if mode == "auto":
+        mode = "graph" if model.device.type == "cuda" else "eager"
+    key = _decoder_key(model, batch, capacity, temperature, top_k, top_p, eos_token_id, seeded, mode)
+    decoder = _DECODERS.get(model)
+    if decoder is None or decoder.key != key:
+        _DECODERS.pop(model, None)  # free the old buffers (and graph) before allocating new ones
+        decoder = Decoder(model, batch, capacity, temperature=temperature, top_k=top_k, top_p=top_p,
+                          eos_token_id=eos_token_id, seeded=seeded, mode=mode)
+        decoder.key = key  # as things were when it was made: the model may change under it
+        _DECODERS[model] = decoder
+    return decoder
+
+
+def _capacity(prompt: int, max_new_tokens: int, n_positions: int) -> int:
+    """KV cache positions for a generation: the last step's token is never fed back, so prompt + new - 1,
+    rounded up to a multiple of 256 (within the context) so that generations of similar lengths share
+    one decoder and its graph."""
+    return min(n_positions, -(-(prompt + max_new_tokens - 1) // 256) * 256)
+
+
 @torch.inference_mode()
 def stream(model: GPT2, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = True,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            seed: int | None = None, attention_mask: torch.Tensor | None = None,
-           eos_token_id: int | None = None) -> Iterator[torch.Tensor]:
+           eos_token_id: int | None = None, decode: str = "auto") -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, [B], one step at a time.
 
     A sequence that has produced eos_token_id keeps producing it; the stream ends when all have, or
-    after max_new_tokens. Greedy when do_sample is False or temperature is 0.
+    after max_new_tokens. Greedy when do_sample is False or temperature is 0. `decode` picks how the
+    decode steps run (see `Decoder`): "graph" (CUDA graphs), "compile", "eager", or "auto" (graph on
+    CUDA, eager elsewhere).
     """
     if not do_sample:
         temperature = 0.0
@@ -56,25 +230,14 @@ def stream(model: GPT2, input_ids: torch.Tensor, max_new_tokens: int, *, do_samp
                          f"than the context, n_positions = {model.config.n_positions}")
     if max_new_tokens == 0:
         return
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
     was_training = model.training
     model.eval()  # no dropout while generating, even from a model in the middle of training
     try:
-        # The last step's token is never fed back, so the cache needs one position less than `total`.
-        cache = model.new_cache(ids.shape[0], capacity=total - 1)
-        logits = model._forward(ids, cache, input_lengths=lengths, last_only=True)[:, -1]
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for step in range(max_new_tokens):
-            next_ids = ops.sample(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                next_ids = next_ids.masked_fill(finished, eos_token_id)
-                finished |= next_ids == eos_token_id
-            yield next_ids
-            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
-                return
-            logits = model._forward(next_ids[:, None], cache, last_only=True)[:, -1]
+        decoder = decoder_for(model, ids.shape[0], _capacity(ids.shape[1], max_new_tokens, model.config.n_positions),
+                              temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                              seeded=seed is not None, mode=decode)
+        decoder.start(ids, lengths, seed)
+        yield from decoder.tokens(max_new_tokens)
     finally:
         model.train(was_training)
 

@@ -19,44 +19,45 @@ from .ops import linear
 
 @dataclass
 class KVCache:
-    """Preallocated keys and values [n_layer, B, H, capacity, D] and the valid length of each sequence."""
+    """Preallocated keys and values [n_layer, B, H, capacity, D] and the valid length of each sequence.
+
+    A static cache hands every layer its whole capacity, so that the shapes of a decode step never
+    change (what a CUDA graph or torch.compile needs); otherwise each layer gets the positions any
+    sequence can have used so far, a host-side bound that needs no device sync.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
     lengths: torch.Tensor  # [B] int64
     filled: int = 0  # host-side upper bound of lengths, so capacity checks need no device sync
-    # Set by start_step for the forward in flight: the lengths after it, and where its tokens go.
+    static: bool = False
+    # Set for the forward in flight: the lengths after it (the new tokens included), and the bound above.
     step_lengths: torch.Tensor | None = field(default=None, init=False)
-    _rows: torch.Tensor | None = field(default=None, init=False, repr=False)
-    _slots: torch.Tensor | None = field(default=None, init=False, repr=False)
-    _used: int = field(default=0, init=False, repr=False)
+    _bound: int = field(default=0, init=False, repr=False)
 
     @classmethod
-    def allocate(cls, config: GPT2Config, batch: int, capacity: int, dtype, device) -> "KVCache":
+    def allocate(cls, config: GPT2Config, batch: int, capacity: int, dtype, device, static: bool = False) -> "KVCache":
         if capacity > config.n_positions:
             raise ValueError(f"KV cache capacity {capacity} exceeds n_positions = {config.n_positions}")
         shape = (config.n_layer, batch, config.n_head, capacity, config.head_dim)
         return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device),
-                   torch.zeros(batch, dtype=torch.long, device=device))
+                   torch.zeros(batch, dtype=torch.long, device=device), static=static)
 
     @property
     def capacity(self) -> int:
         return self.k.shape[3]
 
     def start_step(self, n_new: int) -> None:
-        """Where the next n_new tokens of every sequence go; computed once per forward, used by every layer."""
-        arange = torch.arange(n_new, device=self.lengths.device)
-        self._rows = torch.arange(self.lengths.shape[0], device=self.lengths.device)[:, None]
-        self._slots = self.lengths[:, None] + arange  # [B, n_new]
+        """Computed once per forward that appends n_new tokens to every sequence, used by every layer."""
         self.step_lengths = self.lengths + n_new
-        self._used = self.filled + n_new
+        if not self.static:
+            self._bound = self.filled + n_new
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, H, n_new, D] at each sequence's length; return the layer's caches, cut to the
-        positions any sequence can have used (a host-side bound: no device sync)."""
-        self.k[layer][self._rows, :, self._slots] = k.transpose(1, 2)
-        self.v[layer][self._rows, :, self._slots] = v.transpose(1, 2)
-        return self.k[layer, :, :, :self._used], self.v[layer, :, :, :self._used]
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values [B, H, S, D]: the whole capacity if static, else cut to the bound."""
+        if self.static:
+            return self.k[i], self.v[i]
+        return self.k[i, :, :, :self._bound], self.v[i, :, :, :self._bound]
 
 
 class Linear(nn.Module):
@@ -90,18 +91,19 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, prefill: bool = False) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is None:
             y = ops.causal_attention(q, k, v)
-        elif cache.filled == 0:  # prefill: the prompt attends to itself; its keys and values seed the cache
+        elif prefill:  # the prompt attends to itself; its keys and values seed the cache
             cache.k[self.layer, :, :, :T] = k
             cache.v[self.layer, :, :, :T] = v
             y = ops.causal_attention(q, k, v)
-        else:
-            k_cache, v_cache = cache.append(self.layer, k, v)
-            y = ops.decode_attention(q, k_cache, v_cache, cache.step_lengths)
+        else:  # the new tokens' keys and values are appended by the attention op itself
+            k_cache, v_cache = cache.layer(self.layer)
+            # The model keeps the lengths within [T, capacity] (its host-side checks): no device check needed.
+            y = ops.decode_attention(q, k_cache, v_cache, cache.step_lengths, k, v, lengths_checked=True)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -124,13 +126,13 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, y, h, cache=None):
+    def forward(self, y, h, cache=None, prefill=False):
         """y: the previous sub-layer's output, still to be added to the residual stream h (None at the start)."""
         if h is None:
             a, h = self.ln_1(y), y
         else:
             a, h = self.ln_1(y, residual=h)
-        a, h = self.ln_2(self.drop(self.attn(a, cache)), residual=h)
+        a, h = self.ln_2(self.drop(self.attn(a, cache, prefill)), residual=h)
         return self.drop(self.mlp(a)), h
 
 
@@ -198,24 +200,43 @@ class GPT2(nn.Module):
         if cache is not None and start + T > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} positions, {start + T} needed")
         positions = torch.arange(T, device=input_ids.device)[None, :]
+        prefill = cache is not None and cache.filled == 0
         if cache is not None:
             positions = positions + cache.lengths[:, None]
-            if cache.filled:
-                cache.start_step(T)
-        y = self.drop(self.wte(input_ids) + self.wpe(positions))
-        h = None
-        for block in self.h:
-            y, h = block(y, h, cache)
-        if last_only:
-            last = (input_lengths - 1 if input_lengths is not None
-                    else torch.full((B,), T - 1, device=input_ids.device))
-            rows = torch.arange(B, device=input_ids.device)
-            y, h = y[rows, last][:, None], h[rows, last][:, None]
-        x, _ = self.ln_f(y, residual=h)
+            cache.start_step(T)
+        x = self._blocks(input_ids, positions, cache, prefill, input_lengths if last_only else None, last_only)
         if cache is not None:
             cache.lengths += T if input_lengths is None else input_lengths
             cache.filled += T
         return self.lm_head(x)
+
+    def _blocks(self, input_ids, positions, cache, prefill, input_lengths, last_only):
+        """Embeddings, every block and the final LayerNorm: [B, T, C], or [B, 1, C] with last_only (each
+        row's last real token, by input_lengths when given)."""
+        y = self.drop(self.wte(input_ids) + self.wpe(positions))
+        h = None
+        for block in self.h:
+            y, h = block(y, h, cache, prefill)
+        if input_lengths is not None:
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            y, h = y[rows, input_lengths - 1][:, None], h[rows, input_lengths - 1][:, None]
+        elif last_only:
+            y, h = y[:, -1:], h[:, -1:]
+        return self.ln_f(y, residual=h)[0]
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, V] after appending one token per sequence, tokens [B], to a static cache.
+
+        Fixed shapes, device-side lengths, and no host-side state read or written: this is the step a CUDA
+        graph captures and torch.compile compiles. The caller keeps the count of positions (cache.filled)
+        and makes sure a position is left; see `gpt2fast.generate.Decoder`.
+        """
+        if not cache.static:
+            raise ValueError("decode_step needs a static KV cache (model.new_cache(..., static=True))")
+        cache.start_step(1)
+        x = self._blocks(tokens[:, None], cache.lengths[:, None], cache, False, None, True)
+        cache.lengths += 1
+        return self.lm_head(x)[:, 0]
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits: x @ wte^T, the head tied to the token embedding.
@@ -232,8 +253,9 @@ class GPT2(nn.Module):
             self._head_t, self._head_key = w.detach().t().contiguous(), key
         return linear(x, self._head_t)
 
-    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
-        return KVCache.allocate(self.config, batch, capacity or self.config.n_positions, self.dtype, self.device)
+    def new_cache(self, batch: int, capacity: int | None = None, static: bool = False) -> KVCache:
+        return KVCache.allocate(self.config, batch, capacity or self.config.n_positions, self.dtype, self.device,
+                                static)
 
     # Loading, saving and generation live in their own modules; these are the entry points users expect.
     @classmethod
