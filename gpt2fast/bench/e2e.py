@@ -23,6 +23,10 @@ from .suite import Setting, dtype_name
 from .timing import Timing
 
 OURS, PEER = "gpt2fast", "transformers"
+# gpt2fast's other ways to run its decode steps (generate's `decode`), beside OURS, its default: CUDA graphs
+# on CUDA, plain calls on the CPU.
+OURS_EAGER, OURS_COMPILED = "gpt2fast eager", "gpt2fast torch.compile"
+TOP_P = 0.9  # the sampled generate phase: top-p, as transformers' TopPLogitsWarper
 # transformers' fast decoding: generate with a static KV cache, whose decode step generate itself
 # compiles with torch.compile (fullgraph), on GPUs only.
 COMPILED_PEER = "transformers static cache + torch.compile"
@@ -33,16 +37,21 @@ class Sizes:
     prompt: int  # prompt tokens per sequence (prefill, first token, generate)
     new_tokens: int  # tokens generated per sequence in the generate phase
     decode_batches: tuple[int, ...]
+    ttft_prompt: int  # the prompt of the time-to-first-token phase, batch 1
     prefill_batch: int
     train_batch: int
     train_len: int
 
 
 SIZES = {
-    "cuda": Sizes(prompt=512, new_tokens=128, decode_batches=(1, 16, 64), prefill_batch=8, train_batch=2, train_len=1024),
-    "cuda quick": Sizes(prompt=128, new_tokens=16, decode_batches=(1,), prefill_batch=1, train_batch=1, train_len=256),
-    "cpu": Sizes(prompt=128, new_tokens=32, decode_batches=(1,), prefill_batch=1, train_batch=1, train_len=128),
-    "cpu quick": Sizes(prompt=32, new_tokens=8, decode_batches=(1,), prefill_batch=1, train_batch=1, train_len=32),
+    "cuda": Sizes(prompt=128, new_tokens=256, decode_batches=(1, 16, 64), ttft_prompt=1024, prefill_batch=8,
+                  train_batch=2, train_len=1024),
+    "cuda quick": Sizes(prompt=128, new_tokens=16, decode_batches=(1,), ttft_prompt=256, prefill_batch=1,
+                        train_batch=1, train_len=256),
+    "cpu": Sizes(prompt=128, new_tokens=32, decode_batches=(1,), ttft_prompt=256, prefill_batch=1, train_batch=1,
+                 train_len=128),
+    "cpu quick": Sizes(prompt=32, new_tokens=8, decode_batches=(1,), ttft_prompt=64, prefill_batch=1, train_batch=1,
+                       train_len=32),
 }
 
 
@@ -50,13 +59,14 @@ def sizes(s: Setting, config: GPT2Config) -> Sizes:
     z = SIZES[s.size]
     # Small presets (the char model) have short contexts: keep prompt and generated tokens inside them.
     prompt = min(z.prompt, config.n_positions // 2)
-    return Sizes(prompt, min(z.new_tokens, config.n_positions - prompt), z.decode_batches, z.prefill_batch,
-                 z.train_batch, min(z.train_len, config.n_positions))
+    return Sizes(prompt, min(z.new_tokens, config.n_positions - prompt), z.decode_batches,
+                 min(z.ttft_prompt, config.n_positions - 1), z.prefill_batch, z.train_batch,
+                 min(z.train_len, config.n_positions))
 
 
 @dataclass(frozen=True)
 class Phase:
-    name: str  # "prefill", "first token", "generate" or "train step"
+    name: str  # "prefill", "first token", "time to first token", "generate", "generate top-p" or "train step"
     batch: int
     tokens: int  # per call: prompt tokens read (prefill, first token), tokens made (generate), tokens trained
     # implementation -> factory of the call to time, or the reason it is not run in this setting
@@ -76,15 +86,24 @@ def phases(preset: str, s: Setting) -> list[Phase]:
         return {OURS: lambda: _inference(functools.partial(models()[OURS], x)),
                 PEER: lambda: _inference(functools.partial(models()[PEER], input_ids=x, use_cache=False))}
 
-    def generate(batch, n):
-        x = ids(batch, z.prompt)
-        # min_new_tokens: random weights may draw the end-of-text token; both sides make n tokens
-        hf_kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                     pad_token_id=0)
+    def generate(batch, n, prompt=z.prompt, top_p=None):
+        x = ids(batch, prompt)
+        sampling = dict(do_sample=False) if top_p is None else dict(top_p=top_p, seed=0)
+        # min_new_tokens: random weights may draw the end-of-text token; both sides make n tokens. top_k=0:
+        # transformers would otherwise add its default top-k of 50.
+        hf_sampling = dict(do_sample=False) if top_p is None else dict(do_sample=True, top_p=top_p, top_k=0)
+        hf_kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                     **hf_sampling)
         compiled = (lambda: _inference(functools.partial(models()[PEER].generate, x, cache_implementation="static",
                                                          **hf_kw))) if s.device == "cuda" else (
             "transformers compiles its static-cache decode step on GPUs only")
-        return {OURS: lambda: functools.partial(models()[OURS].generate, x, n, do_sample=False),
+
+        def ours(decode):
+            return lambda: functools.partial(models()[OURS].generate, x, n, decode=decode, **sampling)
+        cpu_same = "on the CPU gpt2fast's default decode is eager: the gpt2fast row"
+        no_compile = "not run with --quick on the CPU: compiling takes longer than the whole run"
+        return {OURS: ours("auto"), OURS_EAGER: ours("eager") if s.device == "cuda" else cpu_same,
+                OURS_COMPILED: no_compile if s.quick and s.device == "cpu" else ours("compile"),
                 PEER: lambda: _inference(functools.partial(models()[PEER].generate, x, **hf_kw)),
                 COMPILED_PEER: compiled}
 
@@ -100,10 +119,13 @@ def phases(preset: str, s: Setting) -> list[Phase]:
             return _train_step(_training_model(_hf_model, config, s), lambda m: m(input_ids=x, labels=y).loss)
         return {OURS: ours, PEER: peer}
 
-    out = [Phase("prefill", z.prefill_batch, z.prefill_batch * z.prompt, forward(z.prefill_batch))]
+    out = [Phase("prefill", z.prefill_batch, z.prefill_batch * z.prompt, forward(z.prefill_batch)),
+           Phase("time to first token", 1, z.ttft_prompt,  # the prompt's prefill and one draw: no decode mode
+                 {k: v for k, v in generate(1, 1, prompt=z.ttft_prompt).items() if k not in (OURS_EAGER, OURS_COMPILED)})]
     for b in z.decode_batches:
         out += [Phase("first token", b, b * z.prompt, generate(b, 1)),
-                Phase("generate", b, b * z.new_tokens, generate(b, z.new_tokens))]
+                Phase("generate", b, b * z.new_tokens, generate(b, z.new_tokens)),
+                Phase("generate top-p", b, b * z.new_tokens, generate(b, z.new_tokens, top_p=TOP_P))]
     return out + [Phase("train step", z.train_batch, z.train_batch * z.train_len, train_step(z.train_batch))]
 
 
@@ -158,24 +180,27 @@ def rows(preset: str, s: Setting, measured: list[tuple[Phase, str, Timing]],
     """End-to-end rows from (phase, implementation, timing) triples, and the rows that could not be made.
 
     Decode is what a generate call spends past its first token: time(generate n) - time(first token), for
-    n - 1 tokens per sequence (its spread is generate's, shifted by the first token's median).
+    n - 1 tokens per sequence (its spread is generate's, shifted by the first token's median); "generate
+    top-p" gives "decode top-p" the same way, from the greedy first token (one draw more is noise there).
     """
     config = GPT2Config.from_preset(preset)
     params = config.num_params()
     peak = ceilings["matmul_tflops"][dtype_name(s.dtype)] * 1e12
     steps_per_s = ceilings["copy_gbps"] * 1e9 / weight_bytes(config, s.dtype)  # decode steps the bandwidth allows
-    flops_per_token = {"prefill": 2 * params, "first token": 2 * params, "train step": 6 * params}
+    flops_per_token = {"prefill": 2 * params, "first token": 2 * params, "time to first token": 2 * params,
+                       "train step": 6 * params}
     first = {(p.batch, impl): t for p, impl, t in measured if p.name == "first token"}
     out, skipped = [], []
     for phase, impl, t in measured:
         name, tokens = phase.name, phase.tokens
-        if name == "generate":
+        if name.startswith("generate"):
             if (phase.batch, impl) not in first:
                 continue
-            name, tokens, t = "decode", tokens - phase.batch, t.shifted(first[phase.batch, impl].median_s)
+            name = name.replace("generate", "decode")
+            tokens, t = tokens - phase.batch, t.shifted(first[phase.batch, impl].median_s)
             bound, bound_by = phase.batch * steps_per_s, "copy bandwidth"
             if t.median_s <= 0:
-                skipped.append(dict(op="end to end", case=f"{preset} decode batch {phase.batch}", impl=impl,
+                skipped.append(dict(op="end to end", case=f"{preset} {name} batch {phase.batch}", impl=impl,
                                     reason="generate took no longer than its first token: too noisy to time decode"))
                 continue
         else:
