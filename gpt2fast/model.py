@@ -224,6 +224,23 @@ class GPT2(nn.Module):
             y, h = y[:, -1:], h[:, -1:]
         return self.ln_f(y, residual=h)[0]
 
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean cross-entropy of the logits of input_ids [B, T] against targets [B, T] (ignore_index skipped).
+
+        The LM head and the loss run together in ops.linear_cross_entropy, a chunk of rows at a time, so
+        the [B*T, V] logits (and their gradient) are never all held at once: at GPT-2's vocabulary they
+        would outweigh every other activation of a training step.
+        """
+        self.check_input_ids(input_ids)
+        B, T = input_ids.shape
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence of {T} tokens is longer than the context, n_positions = {self.config.n_positions}")
+        if targets.shape != input_ids.shape:
+            raise ValueError(f"targets have shape {tuple(targets.shape)}, input_ids {tuple(input_ids.shape)}")
+        positions = torch.arange(T, device=input_ids.device)[None, :]
+        x = self._blocks(input_ids, positions, None, False, None, False)
+        return ops.linear_cross_entropy(x, self.wte.weight, targets, ignore_index)
+
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, V] after appending one token per sequence, tokens [B], to a static cache.
 

@@ -193,6 +193,30 @@ def test_gradients_match_hf():
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item(), msg=name)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_loss_matches_cross_entropy_of_the_logits_with_its_gradients(backend):
+    """model.loss (LM head + loss in chunks) against F.cross_entropy of model(ids): value and every gradient."""
+    if gpt2fast.ops.backends()[backend].unavailable_reason():
+        pytest.skip(f"{backend}: {gpt2fast.ops.backends()[backend].unavailable_reason()}")
+    model = small_model(seed=3)
+    ids, targets = random_ids(101, 2, 12, seed=1), random_ids(101, 2, 12, seed=2)
+    targets[0, :3] = -100  # ignored positions, as padding would be
+    expected = F.cross_entropy(model(ids).reshape(-1, 101), targets.reshape(-1), ignore_index=-100)
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    with gpt2fast.use_backend(backend):
+        got = model.loss(ids, targets)
+        grads = torch.autograd.grad(got, list(model.parameters()))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    for (name, _), g, e in zip(model.named_parameters(), grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6 * e.abs().max().item(), msg=name)
+
+
+def test_fused_loss_refuses_targets_of_another_shape():
+    model = small_model()
+    with pytest.raises(ValueError, match=r"targets have shape \(2, 5\), input_ids \(2, 6\)"):
+        model.loss(random_ids(101, 2, 6), random_ids(101, 2, 5))
+
+
 # ---- input checks ----
 
 @pytest.mark.parametrize("make_ids, error, match", [
