@@ -1,5 +1,6 @@
 """pytest-benchmark over the end-to-end phases of `python -m gpt2fast bench` (gpt2fast/bench/e2e.py):
-prefill, first token, generate and a training step, gpt2fast and transformers on the same weights.
+prefill, first token, generate and a training step, gpt2fast, transformers and transformers patched by
+gpt2fast.patch_hf on the same weights.
 
     python -m pytest benchmarks/test_bench_model.py --benchmark-only
     GPT2FAST_BENCH_MODELS=gpt2,gpt2-xl GPT2FAST_BENCH_QUICK=1 python -m pytest benchmarks --benchmark-only
@@ -8,13 +9,14 @@ import os
 
 import pytest
 
-from gpt2fast.bench import e2e
+from gpt2fast.bench import e2e, hf_patch
 from gpt2fast.bench.suite import default_setting
 from gpt2fast.bench.timing import sync
 
 SETTING = default_setting(quick=os.environ.get("GPT2FAST_BENCH_QUICK") == "1")
 MODELS = os.environ.get("GPT2FAST_BENCH_MODELS", "gpt2").split(",")
-PHASES = [(model, phase) for model in MODELS for phase in e2e.phases(model, SETTING)]
+PHASES = [(model, phase) for model in MODELS
+          for phase in hf_patch.with_patched_hf(e2e.phases(model, SETTING), model, SETTING)]
 
 
 @pytest.mark.parametrize("model,phase,impl", [

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from gpt2fast.bench import e2e, report
+from gpt2fast.bench import e2e, hf_patch, report
 from gpt2fast.bench.runner import measure_case
 from gpt2fast.bench.suite import SUITES, Setting, prepare
 from gpt2fast.cli import main
@@ -81,9 +81,11 @@ def test_every_backend_chosen_is_measured_or_skipped_with_a_reason(bench):
 
 def test_end_to_end_rows(bench):
     rows = bench[2]["end_to_end"]
-    assert {(r["phase"], r["impl"]) for r in rows} == {(phase, impl) for phase in ("prefill", "first token", "decode",
-                                                                                   "train step")
-                                                       for impl in ("gpt2fast", "transformers")}
+    ours = {(phase, "gpt2fast") for phase in ("prefill", "time to first token", "first token", "decode", "decode top-p",
+                                              "train step")}
+    peer = {(phase, "transformers") for phase, _ in ours}
+    patched = {(phase, hf_patch.PATCHED) for phase in ("prefill", "first token", "decode", "train step")}
+    assert {(r["phase"], r["impl"]) for r in rows} == ours | peer | patched
     for r in rows:
         assert r.keys() == E2E_FIELDS
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["median_s"])
@@ -94,8 +96,16 @@ def test_end_to_end_rows(bench):
 
 def test_compiled_static_cache_peer_is_listed_as_not_run_on_the_cpu(bench):
     skipped = {r["case"]: r["reason"] for r in bench[2]["skipped"] if r["impl"] == e2e.COMPILED_PEER}
-    assert set(skipped) == {"char first token batch 1", "char generate batch 1"}
+    assert set(skipped) == {"char time to first token batch 1", "char first token batch 1", "char generate batch 1",
+                            "char generate top-p batch 1"}
     assert all("on GPUs only" in reason for reason in skipped.values())
+
+
+def test_gpt2fast_decode_variants_not_run_on_a_quick_cpu_run_say_why(bench):
+    skipped = {(r["case"], r["impl"]): r["reason"] for r in bench[2]["skipped"]}
+    for phase in ("first token", "generate", "generate top-p"):
+        assert "the gpt2fast row" in skipped[f"char {phase} batch 1", e2e.OURS_EAGER]
+        assert "--quick" in skipped[f"char {phase} batch 1", e2e.OURS_COMPILED]
 
 
 def test_markdown_has_a_table_per_op_and_a_line_per_row(bench):

@@ -6,6 +6,7 @@ device's measured limits, one small module per concern:
     suite.py      Setting, Case, Impl and the suite registry; every registered backend runs on every case
     op_suites.py  the per-op suites: shapes, inputs, bytes or flops per call, peers
     e2e.py        the whole model: prefill, first token, decode, training step, against transformers
+    hf_patch.py   transformers patched by gpt2fast.patch_hf, beside transformers in every end-to-end phase
     report.py     markdown tables, plots, the README table
     runner.py     the command: runs it all and writes the record
 """

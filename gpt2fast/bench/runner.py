@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .. import env_info
 from ..config import PRESETS
-from . import ceilings, e2e, report
+from . import ceilings, e2e, hf_patch, report
 from .suite import BACKENDS, DEFAULT_DTYPE, REFERENCE, SUITES, Case, Setting, dtype_name, prepare
 from .timing import method, time_kernel, time_wall
 
@@ -64,7 +64,7 @@ def _choose(value: str | None, known: list[str], what: str, default: list[str] |
 
 def run(ops: list[str], models: list[str], s: Setting, backends=BACKENDS, progress: bool = True) -> dict:
     cases = [case for op in ops for case in SUITES[op](s)]
-    model_phases = {model: e2e.phases(model, s) for model in models}
+    model_phases = {model: hf_patch.with_patched_hf(e2e.phases(model, s), model, s) for model in models}
     bar = tqdm(total=1 + len(cases) + sum(map(len, model_phases.values())), desc="ceilings", disable=not progress)
     limits = ceilings.measure(s)
     bar.update()
