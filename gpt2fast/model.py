@@ -145,7 +145,7 @@ class GPT2(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
-        self._head_t, self._head_key = None, None  # see lm_head
+        self._drop_head_copy()  # see lm_head
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -261,6 +261,10 @@ class GPT2(nn.Module):
         On a CPU, x @ W with W [in, out] streams twice as fast as x @ W^T for a few rows (25 against 13
         GB/s measured at [1, 768] x [768, 50257]), so eager inference there keeps a transposed copy of
         wte, remade whenever wte changes. Training, compiled code and other devices use wte itself.
+
+        A change is seen by wte's address and version counter, and the copy is dropped whenever the model
+        switches between train and eval mode or is moved or cast: fused AdamW on the CPU updates weights
+        without bumping their version counter, and a cast may put new weights at a freed address.
         """
         w = self.wte.weight
         if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -269,6 +273,18 @@ class GPT2(nn.Module):
         if self._head_key != key:
             self._head_t, self._head_key = w.detach().t().contiguous(), key
         return linear(x, self._head_t)
+
+    def _drop_head_copy(self) -> None:
+        self._head_t, self._head_key = None, None
+
+    def train(self, mode: bool = True) -> "GPT2":
+        if mode != self.training:
+            self._drop_head_copy()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self._drop_head_copy()
+        return super()._apply(fn, recurse)
 
     def new_cache(self, batch: int, capacity: int | None = None, static: bool = False) -> KVCache:
         return KVCache.allocate(self.config, batch, capacity or self.config.n_positions, self.dtype, self.device,

@@ -262,6 +262,31 @@ def test_inference_head_copy_follows_changes_to_the_tied_embedding():
     assert not torch.allclose(before, after)
 
 
+def test_inference_head_copy_is_remade_after_a_fused_optimizer_step_and_a_cast():
+    """Fused AdamW on the CPU updates wte without bumping its version counter; a cast makes new tensors
+    that may reuse a freed address. Evaluating between training steps must still see the new weights."""
+    model = GPT2(GPT2Config(vocab_size=101, n_positions=16, n_embd=24, n_layer=1, n_head=2))
+    ids = random_ids(101, 2, 5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    for _ in range(2):
+        model.train()
+        model(ids).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), hidden(model, ids) @ model.wte.weight.T)  # no copy on this side
+    for dtype in (torch.float64, torch.float32):
+        model.to(dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), hidden(model, ids) @ model.wte.weight.T)
+
+
+def hidden(model, ids):
+    """The final LayerNorm's output, the LM head's input."""
+    return model._blocks(ids, torch.arange(ids.shape[1])[None], None, False, None, False)
+
+
 def test_torch_compile_fullgraph_traces_the_whole_model():
     """The dispatch, the input checks and the CPU decode paths all step aside while dynamo traces."""
     torch.manual_seed(0)
