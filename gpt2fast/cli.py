@@ -20,7 +20,7 @@ from .env_info import environment
 from .model import GPT2
 from .ops import registry
 from .tokenizer import CharTokenizer, Tokenizer
-from .train import CHAR_VOCAB_FILE, TrainConfig, train
+from .train import CHAR_VOCAB_FILE, TRAIN_PRESETS, TrainConfig, train, train_config
 
 log = logging.getLogger("gpt2fast")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,10 +101,18 @@ def cmd_generate(args) -> None:
 def cmd_train(args) -> None:
     started = time.perf_counter()
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    cfg = train_config(args.train_preset, **{k: v for k, v in vars(args).items() if k in fields})
     result = train(cfg)
-    print(f"iters {result['iters']}  {result['seconds']:.1f} s  {result['tokens_per_second']:,.0f} tokens/s  "
-          f"train loss {result['train_loss']:.4f}  val loss {result['val_loss']:.4f}  -> {cfg.out_dir}")
+    if os.environ.get("RANK", "0") != "0" or not result["completed"]:
+        return  # under torchrun rank 0 reports; a stopped run reports when it completes
+    mfu = "n/a" if result["mfu"] is None else f"{result['mfu']:.1%}"
+    print(f"iters {result['iters']}  {result['seconds']:.1f} s  {result['train_tokens_per_second']:,.0f} tokens/s "
+          f"in training (MFU {mfu})  train loss {result['train_loss']:.4f}  val loss {result['val_loss']:.4f}  "
+          f"-> {cfg.out_dir}")
+    if cfg.target_val_loss:
+        reached = (f"at iteration {result['iter_to_target']}, {result['seconds_to_target']:.1f} s"
+                   if result["iter_to_target"] is not None else "never")
+        print(f"validation loss {cfg.target_val_loss} reached {reached}")
     model = GPT2.from_pretrained(cfg.out_dir)
     tokenizer = load_tokenizer(Path(cfg.out_dir), None if cfg.tokenizer == "char" else cfg.tokenizer)
     start = torch.tensor([tokenizer.encode("\n")])
@@ -114,8 +122,9 @@ def cmd_train(args) -> None:
     print(f"--- sample ({n} tokens, temperature 0.8, top-k 50) ---\n{text}")
     if args.record:
         # wall_seconds: the whole command after start-up: data, training, evaluation, saving, sampling.
+        # The loss of every iteration stays in the run's train_log.json; the record keeps the estimates.
         record = {"name": "train", "config": dataclasses.asdict(cfg), "environment": environment(),
-                  **{k: v for k, v in result.items() if k != "out_dir"},
+                  **{k: v for k, v in result.items() if k not in ("out_dir", "losses")},
                   "wall_seconds": round(time.perf_counter() - started, 1), "sample": text}
         Path(args.record).parent.mkdir(parents=True, exist_ok=True)
         Path(args.record).write_text(json.dumps(record, indent=2) + "\n")
@@ -165,13 +174,16 @@ def cmd_bench(args) -> None:
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field. A flag left out stays out of the parsed arguments (the field's default then
+    applies), so that it does not override a preset's value."""
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"default: {f.default}")
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            parser.add_argument(flag, type=kind, default=f.default)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default: {f.default!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train a model (default: the char-level course model on tiny Shakespeare)")
+    t.add_argument("--train-preset", default="", choices=list(TRAIN_PRESETS),
+                   help="a named run (shakespeare-char: nanoGPT's train_shakespeare_char.py); flags given override it")
     _add_dataclass_flags(t, TrainConfig)
     t.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample from the trained model")
     t.add_argument("--record", default=None, help="write the result, with device and versions, to this JSON file")

@@ -1,12 +1,20 @@
-"""Text data helpers: load a corpus, split it, and cut random training windows."""
+"""Text data helpers: load a corpus, split it, tokenise it once into uint16 files, and cut random training windows."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .tokenizer import CharTokenizer, Tokenizer
+
 DATA_ENV_VAR = "GPT2FAST_DATA"
+CACHE_ENV_VAR = "GPT2FAST_CACHE"
 
 
 def default_data_dir() -> Path:
@@ -19,6 +27,14 @@ def default_data_dir() -> Path:
         return Path(override)
     repo_root = Path(__file__).resolve().parents[1]
     return repo_root.parent / "shared" / "data"
+
+
+def default_cache_dir() -> Path:
+    """Folder for derived files (token files): $GPT2FAST_CACHE, else $XDG_CACHE_HOME/gpt2fast or ~/.cache/gpt2fast."""
+    override = os.environ.get(CACHE_ENV_VAR)
+    if override:
+        return Path(override)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2fast"
 
 
 def load_text(path: str | os.PathLike[str]) -> str:
@@ -67,5 +83,79 @@ def get_batch(
     # Contiguous so callers can .view() them, as training loops commonly do.
     x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
     if device is not None:
-        x, y = x.to(device), y.to(device)
+        x, y = to_device(x, device), to_device(y, device)
     return x, y
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """t on `device`; to a GPU from pinned memory without waiting, so the copy overlaps the step running there."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@dataclass
+class TokenizedText:
+    """A text split 90/10 into training and validation tokens, each a uint16 tensor mapped from its file."""
+
+    tokenizer: CharTokenizer | Tokenizer
+    train: torch.Tensor
+    val: torch.Tensor
+    folder: Path  # holds train.bin, val.bin and meta.json
+
+
+def tokenize_text(text_path: str | os.PathLike[str], tokenizer: str = "char",
+                  cache_dir: str | os.PathLike[str] | None = None) -> TokenizedText:
+    """The tokens of a text file, tokenised on first use into uint16 files that later calls map.
+
+    `tokenizer` is "char" (the text's own characters) or a GPT-2 vocabulary for Tokenizer.from_pretrained.
+    The files live in a folder of `cache_dir` (default: default_cache_dir()/tokens) named by a key of the
+    text file (path, size, modification time) and the vocabulary, so an edited text or another
+    vocabulary gets fresh files and nothing stale is ever read.
+    """
+    text_path = Path(text_path)
+    bpe = None if tokenizer == "char" else Tokenizer.from_pretrained(tokenizer)
+    folder = Path(cache_dir or default_cache_dir() / "tokens") / _cache_name(text_path, bpe)
+    if not (folder / "meta.json").exists():
+        _write_tokens(folder, text_path, bpe)
+    meta = json.loads((folder / "meta.json").read_text())
+    return TokenizedText(bpe or CharTokenizer.from_dict(meta["char_vocab"]), _map_tokens(folder / "train.bin"),
+                         _map_tokens(folder / "val.bin"), folder)
+
+
+def _cache_name(text_path: Path, bpe: Tokenizer | None) -> str:
+    stat = text_path.stat()
+    key = hashlib.sha256(f"{text_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    if bpe is not None:
+        key.update(json.dumps(bpe.special_tokens, sort_keys=True).encode())
+        for token, rank in sorted(bpe.ranks.items(), key=lambda item: item[1]):
+            key.update(token + rank.to_bytes(4, "little"))
+    return f"{text_path.stem}-{'char' if bpe is None else 'gpt2'}-{key.hexdigest()[:16]}"
+
+
+def _write_tokens(folder: Path, text_path: Path, bpe: Tokenizer | None) -> None:
+    text = load_text(text_path)
+    tokenizer = bpe or CharTokenizer.from_text(text)
+    if tokenizer.vocab_size > 2**16:
+        raise ValueError(f"uint16 token files hold ids below 65536; this vocabulary has {tokenizer.vocab_size}")
+    # Written aside, then renamed into place: an interrupted or concurrent run never sees half a folder.
+    staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    staging.mkdir(parents=True, exist_ok=True)
+    for name, part in zip(("train", "val"), split_text(text)):
+        np.array(tokenizer.encode(part), dtype=np.uint16).tofile(staging / f"{name}.bin")
+    meta = {"text": str(text_path.resolve()), "vocab_size": tokenizer.vocab_size}
+    if bpe is None:
+        meta["char_vocab"] = tokenizer.to_dict()
+    (staging / "meta.json").write_text(json.dumps(meta) + "\n")
+    try:
+        staging.rename(folder)
+    except OSError:  # another process got there first with the same files
+        shutil.rmtree(staging)
+
+
+def _map_tokens(path: Path) -> torch.Tensor:
+    n = path.stat().st_size // 2
+    if n == 0:
+        raise ValueError(f"{path} holds no tokens: the text is too short to split")
+    # shared=False maps the file copy-on-write: pages are read as batches touch them, and never written back.
+    return torch.from_file(str(path), shared=False, size=n, dtype=torch.uint16)

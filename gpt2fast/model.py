@@ -181,13 +181,20 @@ class GPT2(nn.Module):
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                input_lengths: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V] with last_only) for input_ids [B, T].
+                input_lengths: torch.Tensor | None = None, last_only: bool = False,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with last_only) for input_ids [B, T]; with targets, the loss instead.
 
         With a cache, the tokens are appended to each sequence at its current length; input_lengths [B]
         says how many of the T tokens are real in each row (right padding; default all T), and
-        last_only returns the logits of each row's last real token.
+        last_only returns the logits of each row's last real token. With targets [B, T] it returns
+        `loss(input_ids, targets)`, the fused LM head + cross-entropy (so that a wrapper such as DDP, which
+        only sees forward, trains through it).
         """
+        if targets is not None:
+            if cache is not None or input_lengths is not None or last_only:
+                raise ValueError("targets (training) take no cache, input_lengths or last_only")
+            return self.loss(input_ids, targets)
         self.check_input_ids(input_ids)
         return self._forward(input_ids, cache, input_lengths, last_only)
 

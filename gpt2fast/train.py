@@ -1,54 +1,110 @@
 """Train (or fine-tune) a GPT-2 on a text file: the char-level course model by default.
 
-AdamW, linear warm-up then cosine decay, gradient clipping, periodic evaluation on the last 10% of
-the text, a progress bar with loss and tokens/s, and a checkpoint in the Hugging Face format (plus
-the char vocabulary) that `GPT2.from_pretrained` and `python -m gpt2fast generate` load.
+nanoGPT's recipe: the text tokenised once into uint16 files (char-level or GPT-2 BPE), AdamW with weight
+decay on the matrices, linear warm-up then cosine decay, gradient accumulation and clipping, a bf16
+option and torch.compile, periodic evaluation, and a progress bar with loss, tokens/s and MFU.
+Checkpoints are the Hugging Face folder that `GPT2.from_pretrained` and `python -m gpt2fast generate`
+load (plus the char vocabulary), with a training state beside it (optimizer, iteration, random number
+generators, loss history) from which `resume` continues the same loss curve; a loss plot goes with
+them. Under torchrun the model is wrapped in DDP and each rank runs its share of the global batch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .checkpoint import load_hf_state_dict
 from .config import GPT2Config
-from .data import default_data_dir, get_batch, load_text, split_text
+from .data import TokenizedText, default_data_dir, get_batch, to_device, tokenize_text
+from .distributed import Distributed
 from .model import GPT2
-from .tokenizer import CharTokenizer, Tokenizer
+from .tokenizer import CharTokenizer
 
+log = logging.getLogger("gpt2fast")
 CHAR_VOCAB_FILE = "char_vocab.json"
+STATE_FILE = "training_state.pt"
+LOG_FILE = "train_log.json"
+PLOT_FILE = "loss.png"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class TrainConfig:
     data: str = ""  # a text file; empty: tiny Shakespeare from the data folder
     out_dir: str = "runs/char"
-    preset: str = "char"
+    preset: str = "char"  # the model's GPT2Config preset
+    n_layer: int = 0  # 0: the preset's (as for n_head and n_embd)
+    n_head: int = 0
+    n_embd: int = 0
     tokenizer: str = "char"  # "char", or a GPT-2 vocabulary path for Tokenizer.from_pretrained
     init_from: str = ""  # an HF GPT-2 folder to fine-tune instead of a fresh preset
+    cache_dir: str = ""  # where the token files go; empty: data.default_cache_dir()/tokens
     block_size: int = 128
-    batch_size: int = 16
+    batch_size: int = 16  # sequences per micro-batch, in each process
+    # Micro-batches per iteration, over all processes together: an iteration trains on batch_size x this
+    # sequences however many processes share them.
+    gradient_accumulation_steps: int = 1
     max_iters: int = 5000
     # A time budget (0: none): the schedule ends at max_iters or max_seconds, whichever comes first.
     # The default is the demo's: the char model on tiny Shakespeare in 4 minutes of a 2-core CPU.
     max_seconds: float = 240.0
+    stop_at_iter: int = 0  # end this session at this iteration with a checkpoint (the schedule still ends at max_iters)
     lr: float = 3e-3
     min_lr: float = 1e-4
     warmup_iters: int = 100
     weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0: no clipping
     dropout: float = 0.0
     eval_interval: int = 500
     eval_iters: int = 20  # batches per periodic estimate; the final evaluation reads the whole split
+    log_interval: int = 10  # iterations between reads of the loss, each of which waits for the device
+    target_val_loss: float = 0.0  # note when the validation estimate first reaches this (0: none)
+    dtype: str = "float32"  # or bfloat16: bf16 matmuls against fp32 weights, see CastForward
+    compile: bool = False  # train a torch.compile'd model
+    resume: bool = False  # continue the run whose checkpoint and training state are in out_dir
     seed: int = 1337
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda when there is a GPU, else cpu
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                     "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# Named runs. shakespeare-char is nanoGPT's config/train_shakespeare_char.py over its train.py defaults
+# (validation loss 1.4697 there); add compile=True for nanoGPT's compiled model. Two differences remain in
+# the model: nanoGPT's has no biases and drops attention probabilities, this GPT-2 has biases and no
+# attention dropout.
+TRAIN_PRESETS: dict[str, dict] = {
+    "shakespeare-char": dict(
+        out_dir="runs/shakespeare-char", preset="char", n_layer=6, n_head=6, n_embd=384, block_size=256,
+        dropout=0.2, batch_size=64, gradient_accumulation_steps=1, lr=1e-3, min_lr=1e-4, max_iters=5000,
+        max_seconds=0.0, warmup_iters=100, weight_decay=0.1, beta2=0.99, grad_clip=1.0, eval_interval=250,
+        eval_iters=200, log_interval=10, dtype="bfloat16"),
+}
+
+
+def train_config(train_preset: str = "", **overrides) -> TrainConfig:
+    """A TrainConfig from a named run in TRAIN_PRESETS (or the defaults), with `overrides` on top."""
+    if train_preset and train_preset not in TRAIN_PRESETS:
+        raise ValueError(f"unknown training preset {train_preset!r}; known: {', '.join(TRAIN_PRESETS)}")
+    return TrainConfig(**{**TRAIN_PRESETS.get(train_preset, {}), **overrides})
 
 
 def learning_rate(it: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
@@ -64,8 +120,23 @@ def learning_rate(it: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
 
-def _tokenizer(cfg: TrainConfig, text: str):
-    return CharTokenizer.from_text(text) if cfg.tokenizer == "char" else Tokenizer.from_pretrained(cfg.tokenizer)
+def flops_per_token(config: GPT2Config, seq_len: int) -> float:
+    """Training FLOPs per token as nanoGPT's estimate_mfu counts them (PaLM, appendix B): 6 per weight, for
+    the multiply-add of the forward and the two of the backward, plus attention's 12 * L * H * Q * T.
+    The position table is a lookup, not a matmul, so it is left out; the token table counts as the LM head."""
+    weights = config.num_params() - config.n_positions * config.n_embd
+    return 6 * weights + 12 * config.n_layer * config.n_head * config.head_dim * seq_len
+
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets, by a piece of the device's name; the first match
+# wins, so the PCIe H100 comes before the SXM one. MFU is taken against these whatever the run's dtype, as
+# nanoGPT does.
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The peak FLOP/s of a device by its name, or None where unknown (a CPU, another GPU): no MFU then."""
+    return next((peak for key, peak in PEAK_FLOPS if key in device_name), None)
 
 
 def _model(cfg: TrainConfig, vocab_size: int) -> GPT2:
@@ -74,100 +145,306 @@ def _model(cfg: TrainConfig, vocab_size: int) -> GPT2:
         if model.config.vocab_size < vocab_size:
             raise ValueError(f"{cfg.init_from} has {model.config.vocab_size} tokens, the tokenizer {vocab_size}")
         return model.train()
+    shape = {name: getattr(cfg, name) for name in ("n_layer", "n_head", "n_embd") if getattr(cfg, name)}
     config = GPT2Config.from_preset(cfg.preset, vocab_size=vocab_size, n_positions=cfg.block_size,
-                                    dropout=cfg.dropout)
+                                    dropout=cfg.dropout, **shape)
     return GPT2(config)
 
 
 def _optimizer(model: GPT2, cfg: TrainConfig) -> torch.optim.AdamW:
-    # Weight decay on matrices only: decaying biases, LayerNorm gains and embeddings' rows hurts small models.
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wpe" not in n]
-    rest = [p for n, p in model.named_parameters() if p.dim() < 2 or "wpe" in n]
+    # nanoGPT's grouping: weight decay on the matrices (embeddings included), none on biases and LayerNorm gains.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=True)  # one kernel per step, CPU and GPU
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=True)
 
 
-def loss_fn(model: GPT2, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = model(x)
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+class CastForward(nn.Module):
+    """`model` run with its weights cast to `dtype`: the low-precision matmuls of autocast, while the
+    optimizer keeps fp32 weights (the cast is differentiable, so the gradients arrive in fp32).
+
+    torch.autocast itself would hand the ops bf16 activations with fp32 LayerNorm weights, which they
+    refuse; here every tensor of the forward has one dtype. The ops keep LayerNorm statistics and softmax
+    in fp32, and loss_fn the loss.
+    """
+
+    def __init__(self, model: GPT2, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        weights = {name: p.to(self.dtype) for name, p in self.model.named_parameters()}
+        return torch.func.functional_call(self.model, weights, (input_ids,), kwargs)
+
+
+def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The model's fused LM head + cross-entropy (ops.linear_cross_entropy): the [B*T, V] logits are never
+    all held at once, and the loss comes in fp32 whatever the forward's dtype."""
+    return model(x, targets=y)
 
 
 @torch.no_grad()
-def evaluate(model: GPT2, data: torch.Tensor, cfg: TrainConfig, seed: int) -> float:
+def evaluate(model: nn.Module, data: torch.Tensor, cfg: TrainConfig, seed: int, device) -> float:
     """Mean loss over eval_iters random windows, the same windows every call (a fixed seed)."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    losses = [loss_fn(model, *get_batch(data, cfg.batch_size, cfg.block_size, g, cfg.device)).item()
+    losses = [loss_fn(model, *get_batch(data, cfg.batch_size, cfg.block_size, g, device)).item()
               for _ in range(cfg.eval_iters)]
     model.train()
     return sum(losses) / len(losses)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train as `cfg` says; returns the history and final losses, and writes the checkpoint to cfg.out_dir."""
-    torch.manual_seed(cfg.seed)
-    text = load_text(cfg.data or default_data_dir() / "tinyshakespeare.txt")
-    tokenizer = _tokenizer(cfg, text)
-    train_text, val_text = split_text(text)
-    train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
-    val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
-    model = _model(cfg, tokenizer.vocab_size).to(cfg.device)
-    optimizer = _optimizer(model, cfg)
-    g = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict] = []
-    start = time.perf_counter()
-    tokens_per_iter = cfg.batch_size * cfg.block_size
-    bar = tqdm(range(cfg.max_iters), disable=not cfg.progress, desc="train", dynamic_ncols=True, mininterval=0.5)
-    it = 0
-    for it in bar:
-        if it % cfg.eval_interval == 0 and it > 0:
-            history.append(_eval_record(model, train_ids, val_ids, cfg, it, start))
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(it, cfg, time.perf_counter() - start)
-        loss = loss_fn(model, *get_batch(train_ids, cfg.batch_size, cfg.block_size, g, cfg.device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{(it + 1) * tokens_per_iter / elapsed:,.0f}",
-                        val=f"{history[-1]['val_loss']:.3f}" if history else "-")
-        if cfg.max_seconds and elapsed > cfg.max_seconds:
-            break
-    seconds = time.perf_counter() - start
-    history.append(_eval_record(model, train_ids, val_ids, cfg, it + 1, start))
-    val_loss = evaluate_full(model, val_ids, cfg)
-    tqdm.write(f"final: validation loss over the whole split {val_loss:.4f}")
-    save_checkpoint(model.eval(), tokenizer, cfg, history)
-    return {"history": history, "train_loss": history[-1]["train_loss"], "val_loss": val_loss,
-            "iters": it + 1, "seconds": round(seconds, 2), "tokens_per_second": (it + 1) * tokens_per_iter / seconds,
-            "out_dir": cfg.out_dir}
-
-
 @torch.no_grad()
-def evaluate_full(model: GPT2, data: torch.Tensor, cfg: TrainConfig) -> float:
+def evaluate_full(model: nn.Module, data: torch.Tensor, cfg: TrainConfig, device) -> float:
     """Mean loss over every token of `data`, in consecutive windows of block_size (each from a fresh context)."""
     model.eval()
     T = cfg.block_size
     n = (len(data) - 1) // T
-    x, y = data[: n * T].view(n, T), data[1: n * T + 1].view(n, T)
-    total = sum(loss_fn(model, xb.to(cfg.device), yb.to(cfg.device)).item() * len(xb)
+    x, y = data[: n * T].long().view(n, T), data[1: n * T + 1].long().view(n, T)
+    total = sum(loss_fn(model, xb.to(device), yb.to(device)).item() * len(xb)
                 for xb, yb in zip(x.split(4 * cfg.batch_size), y.split(4 * cfg.batch_size)))
     model.train()
     return total / n
 
 
-def _eval_record(model, train_ids, val_ids, cfg, it, start) -> dict:
-    seconds = time.perf_counter() - start
-    record = {"iter": it, "seconds": round(seconds, 2), "train_loss": evaluate(model, train_ids, cfg, seed=1),
-              "val_loss": evaluate(model, val_ids, cfg, seed=2)}
-    tqdm.write(f"iter {it:>6}  {seconds:7.1f} s  train loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}")
-    return record
+@dataclass
+class TrainState:
+    """What a checkpoint holds beside the weights and the optimizer, so that a resumed run goes on as one."""
+
+    iter: int = 0  # iterations done
+    seconds: float = 0.0  # the run's clock: from after data loading, compilation and evaluation included
+    train_seconds: float = 0.0  # the part spent in training iterations (throughput and MFU)
+    losses: list[float] = field(default_factory=list)  # the training loss of every iteration
+    history: list[dict] = field(default_factory=list)  # the periodic estimates
+    target: dict | None = None  # {"iter", "seconds"} where the validation estimate first reached target_val_loss
 
 
-def save_checkpoint(model: GPT2, tokenizer, cfg: TrainConfig, history: list[dict]) -> None:
-    out = Path(cfg.out_dir)
-    model.save_pretrained(out)
-    if isinstance(tokenizer, CharTokenizer):
-        (out / CHAR_VOCAB_FILE).write_text(json.dumps(tokenizer.to_dict()) + "\n")
-    (out / "train_log.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "history": history}, indent=2) + "\n")
+def train(cfg: TrainConfig) -> dict:
+    """Train as `cfg` says; returns the history and final losses, and writes the checkpoint to cfg.out_dir.
+
+    Under torchrun (RANK and WORLD_SIZE set) every rank calls this; rank 0 evaluates, saves and reports.
+    """
+    dist = Distributed.start(cfg.device)
+    try:
+        if cfg.gradient_accumulation_steps % dist.world_size:
+            raise ValueError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple "
+                             f"of the number of processes ({dist.world_size})")
+        started = time.perf_counter()
+        with dist.main_first():
+            data = tokenize_text(cfg.data or default_data_dir() / "tinyshakespeare.txt", cfg.tokenizer,
+                                 cfg.cache_dir or None)
+        return Trainer(cfg, dist, data, data_seconds=time.perf_counter() - started).run()
+    finally:
+        dist.close()
+
+
+class Trainer:
+    """One run on this process: the model, its optimizer and data, the loop, evaluation and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, dist: Distributed, data: TokenizedText, data_seconds: float):
+        self.cfg, self.dist, self.data, self.data_seconds = cfg, dist, data, data_seconds
+        torch.manual_seed(cfg.seed)
+        self.model = _model(cfg, data.tokenizer.vocab_size).to(dist.device)
+        self.optimizer = _optimizer(self.model, cfg)
+        self.data_rng = torch.Generator().manual_seed(cfg.seed)
+        self.state = TrainState()
+        if cfg.resume:
+            self._load()
+        elif dist.world_size > 1:
+            torch.manual_seed(cfg.seed + dist.rank)  # the same initial weights, different dropout masks
+        self.forward = self.model if cfg.dtype == "float32" else CastForward(self.model, DTYPES[cfg.dtype])
+        # Evaluation runs the fp32 weights, the model that is saved, on one process.
+        self.eval_forward = self.model
+        if cfg.compile:
+            self.forward, self.eval_forward = torch.compile(self.forward), torch.compile(self.model)
+        if dist.world_size > 1:
+            ids = [dist.device] if dist.device.type == "cuda" else None
+            self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, device_ids=ids)
+        self.micro_steps = cfg.gradient_accumulation_steps // dist.world_size
+        self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+        self.flops_per_token = flops_per_token(self.model.config, cfg.block_size)
+        self.peak = peak_flops(torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "")
+
+    def run(self) -> dict:
+        cfg, state = self.cfg, self.state
+        self.session_start = self.window_start = time.perf_counter()
+        self.seconds_before = self.elapsed = state.seconds
+        self.pending: list[torch.Tensor] = []
+        start_iter = it = state.iter
+        self.bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=not (cfg.progress and self.dist.is_main),
+                        desc="train", dynamic_ncols=True, mininterval=0.5)
+        stopped = False
+        while it < cfg.max_iters:
+            if it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.stop_at_iter):
+                self._flush()
+                if it % cfg.eval_interval == 0:
+                    self._evaluate(it)
+                self._save(it)
+                if it == cfg.stop_at_iter:
+                    stopped = True
+                    break
+            self.pending.append(self._step(it))
+            it += 1
+            if it % cfg.log_interval == 0:
+                self._flush()
+                if cfg.max_seconds and self.elapsed > cfg.max_seconds:
+                    break
+        self._flush()
+        self.bar.close()
+        seconds = self.elapsed  # the run's time: its final evaluation over the whole split is left out
+        val_loss = None
+        if not stopped:
+            self._evaluate(it)
+            if self.dist.is_main:
+                val_loss = evaluate_full(self.eval_forward, self.data.val, cfg, self.dist.device)
+                tqdm.write(f"final: validation loss over the whole split {val_loss:.4f}")
+            self._save(it)
+        return self._result(it, seconds, val_loss, completed=not stopped)
+
+    def _step(self, it: int) -> torch.Tensor:
+        """One iteration; returns its loss (on the device, unread: reading waits for the device)."""
+        cfg, dist = self.cfg, self.dist
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(it, cfg, self.elapsed)
+        # Every rank draws the whole global batch from the same generator and runs its own micro-batches of
+        # it, so an iteration sees the same sequences however many processes share it.
+        x, y = get_batch(self.data.train, cfg.gradient_accumulation_steps * cfg.batch_size, cfg.block_size,
+                         self.data_rng)
+        first = dist.rank * self.micro_steps
+        total = torch.zeros((), device=dist.device)
+        for m in range(first, first + self.micro_steps):
+            rows = slice(m * cfg.batch_size, (m + 1) * cfg.batch_size)
+            last = m == first + self.micro_steps - 1
+            # Gradients are averaged across ranks once per iteration, on the last micro-batch's backward.
+            with contextlib.nullcontext() if last or dist.world_size == 1 else self.forward.no_sync():
+                loss = loss_fn(self.forward, to_device(x[rows], dist.device), to_device(y[rows], dist.device))
+                (loss / self.micro_steps).backward()
+            total += loss.detach() / self.micro_steps
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _clock(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.session_start
+
+    def _flush(self) -> None:
+        """Read the pending losses (averaged over the ranks) and agree on the clock; update the progress bar."""
+        now = time.perf_counter()
+        if self.pending:
+            n = len(self.pending)
+            self.state.losses += self.dist.mean(torch.stack(self.pending)).tolist()
+            self.pending.clear()
+            window = now - self.window_start
+            self.state.train_seconds += window
+            tokens_per_second = n * self.tokens_per_iter / window
+            history = self.state.history
+            self.bar.update(n)
+            self.bar.set_postfix(loss=f"{self.state.losses[-1]:.3f}", tok_s=f"{tokens_per_second:,.0f}",
+                                 mfu=self._mfu(tokens_per_second),
+                                 val=f"{history[-1]['val_loss']:.3f}" if history else "-")
+        self.window_start = now
+        self.elapsed = self.dist.agree(self._clock())
+
+    def _mfu(self, tokens_per_second: float) -> str:
+        if self.peak is None:
+            return "n/a"
+        return f"{self.flops_per_token * tokens_per_second / self.dist.world_size / self.peak:.1%}"
+
+    def _evaluate(self, it: int) -> None:
+        """The periodic estimate on rank 0 (the others wait at their next collective)."""
+        state = self.state
+        if self.dist.is_main and not (state.history and state.history[-1]["iter"] == it):
+            seconds = self._clock()
+            record = {"iter": it, "seconds": round(seconds, 2),
+                      "train_loss": evaluate(self.eval_forward, self.data.train, self.cfg, 1, self.dist.device),
+                      "val_loss": evaluate(self.eval_forward, self.data.val, self.cfg, 2, self.dist.device)}
+            tqdm.write(f"iter {it:>6}  {seconds:7.1f} s  train loss {record['train_loss']:.4f}  "
+                       f"val loss {record['val_loss']:.4f}")
+            state.history.append(record)
+            if self.cfg.target_val_loss and state.target is None and record["val_loss"] <= self.cfg.target_val_loss:
+                state.target = {"iter": it, "seconds": record["seconds"]}
+        self.window_start = time.perf_counter()
+
+    def _save(self, it: int) -> None:
+        """The checkpoint: the HF folder, the char vocabulary, the training state and the log (rank 0 writes)."""
+        self.state.iter, self.state.seconds = it, self._clock()
+        cuda = self.dist.device.type == "cuda"
+        rng = {"torch": self.dist.gather(torch.get_rng_state()),
+               "cuda": self.dist.gather(torch.cuda.get_rng_state(self.dist.device)) if cuda else None,
+               "data": self.data_rng.get_state()}
+        if self.dist.is_main:
+            out = Path(self.cfg.out_dir)
+            self.model.save_pretrained(out)
+            if isinstance(self.data.tokenizer, CharTokenizer):
+                (out / CHAR_VOCAB_FILE).write_text(json.dumps(self.data.tokenizer.to_dict()) + "\n")
+            saved = {"state": dataclasses.asdict(self.state), "optimizer": self.optimizer.state_dict(), "rng": rng,
+                     "config": dataclasses.asdict(self.cfg)}
+            torch.save(saved, out / f"{STATE_FILE}.tmp")
+            os.replace(out / f"{STATE_FILE}.tmp", out / STATE_FILE)  # a run killed while saving keeps the last state
+            log_record = {"config": dataclasses.asdict(self.cfg), "history": self.state.history,
+                          "losses": self.state.losses}
+            (out / LOG_FILE).write_text(json.dumps(log_record, indent=2) + "\n")
+        self.window_start = time.perf_counter()
+
+    def _load(self) -> None:
+        from safetensors.torch import load_file
+
+        out = Path(self.cfg.out_dir)
+        if not (out / STATE_FILE).exists():
+            raise FileNotFoundError(f"resume: {out} holds no {STATE_FILE}, so there is no run to continue there")
+        saved = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+        rng = saved["rng"]
+        if len(rng["torch"]) != self.dist.world_size:
+            raise ValueError(f"resume: the run in {out} had {len(rng['torch'])} processes, this one has "
+                             f"{self.dist.world_size}; resume it with as many")
+        load_hf_state_dict(self.model, load_file(str(out / "model.safetensors")))
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.data_rng.set_state(rng["data"])
+        torch.set_rng_state(rng["torch"][self.dist.rank])
+        if rng["cuda"] is not None and self.dist.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"][self.dist.rank], self.dist.device)
+        self.state = TrainState(**saved["state"])
+
+    def _result(self, it: int, seconds: float, val_loss: float | None, completed: bool) -> dict:
+        state, cfg = self.state, self.cfg
+        plot = None
+        if self.dist.is_main and plot_losses(Path(cfg.out_dir) / PLOT_FILE, state.losses, state.history):
+            plot = str(Path(cfg.out_dir) / PLOT_FILE)
+        tokens = it * self.tokens_per_iter
+        train_tps = tokens / state.train_seconds if state.train_seconds else 0.0
+        if self.dist.is_main and not completed:
+            tqdm.write(f"stopped at iteration {it} of {cfg.max_iters}; resume continues from here")
+        return {"history": state.history, "losses": state.losses,
+                "train_loss": state.history[-1]["train_loss"] if state.history else None, "val_loss": val_loss,
+                "iters": it, "completed": completed, "seconds": round(seconds, 2),
+                "tokens_per_second": tokens / seconds if seconds else 0.0,
+                "train_tokens_per_second": train_tps,
+                "mfu": self.flops_per_token * train_tps / self.dist.world_size / self.peak if self.peak else None,
+                "flops_per_token": self.flops_per_token, "peak_flops": self.peak,
+                "target_val_loss": cfg.target_val_loss or None,
+                "iter_to_target": state.target["iter"] if state.target else None,
+                "seconds_to_target": state.target["seconds"] if state.target else None,
+                "data_seconds": round(self.data_seconds, 2), "world_size": self.dist.world_size,
+                "plot": plot, "out_dir": cfg.out_dir}
+
+
+def plot_losses(path: Path, losses: list[float], history: list[dict]) -> bool:
+    """Train and validation loss against the iteration, as a PNG; False (and one log line) without matplotlib."""
+    try:
+        from matplotlib.figure import Figure  # the object API: no pyplot, no global backend to change
+    except ImportError:
+        log.warning("gpt2fast: matplotlib is not installed, so no loss plot (pip install matplotlib)")
+        return False
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    ax.plot(range(len(losses)), losses, lw=0.6, alpha=0.45, label="train (each iteration's batch)")
+    iters = [h["iter"] for h in history]
+    ax.plot(iters, [h["train_loss"] for h in history], "o-", label="train (estimate)")
+    ax.plot(iters, [h["val_loss"] for h in history], "o-", label="validation (estimate)")
+    ax.set(xlabel="iteration", ylabel="loss (nats per token)", title="training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return True

@@ -1,4 +1,5 @@
-"""`python -m gpt2fast`: generate (streamed), backends, bigram, and its errors."""
+"""`python -m gpt2fast`: generate (streamed), backends, bigram, train (flags, presets, the record), and its errors."""
+import json
 import os
 import subprocess
 import sys
@@ -7,9 +8,11 @@ import pytest
 import torch
 import transformers
 
+from gpt2fast import cli
 from gpt2fast.cli import main, stream_text
 from gpt2fast.data import default_data_dir
 from gpt2fast.tokenizer import Tokenizer
+from gpt2fast.train import TrainConfig, train_config
 
 VOCAB = default_data_dir() / "gpt2.tiktoken"
 needs_vocab = pytest.mark.skipif(not VOCAB.exists(), reason=f"GPT-2 vocabulary not found at {VOCAB}")
@@ -93,3 +96,48 @@ def test_bigram_command_reports_both_models(capsys):
     main(["bigram", "--steps", "50"])
     out = capsys.readouterr().out
     assert "counting bigram" in out and "neural bigram" in out
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], TrainConfig()),
+    (["--train-preset", "shakespeare-char", "--max-iters", "10", "--compile"],
+     train_config("shakespeare-char", max_iters=10, compile=True)),
+    (["--lr", "1e-3", "--no-progress", "--dtype", "bfloat16"], TrainConfig(lr=1e-3, progress=False, dtype="bfloat16")),
+])
+def test_train_flags_override_the_preset_and_nothing_else(argv, expected, monkeypatch):
+    def capture(cfg):
+        raise _Captured(cfg)
+
+    monkeypatch.setattr(cli, "train", capture)
+    with pytest.raises(_Captured) as got:
+        main(["train", *argv])
+    assert got.value.args[0] == expected
+
+
+@pytest.mark.skipif(not (default_data_dir() / "tinyshakespeare.txt").exists(), reason="tiny Shakespeare not found")
+def test_train_command_records_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GPT2FAST_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "small.txt"
+    text.write_text((default_data_dir() / "tinyshakespeare.txt").read_text()[:40_000])
+    record_path = tmp_path / "results" / "train.json"
+    main(["train", "--data", str(text), "--out-dir", str(tmp_path / "run"), "--n-layer", "2", "--n-head", "2",
+          "--n-embd", "32", "--block-size", "16", "--batch-size", "4", "--max-iters", "6", "--eval-interval", "3",
+          "--eval-iters", "2", "--target-val-loss", "10", "--sample-tokens", "10", "--no-progress",
+          "--record", str(record_path)])
+    out = capsys.readouterr().out
+    assert "validation loss 10.0 reached at iteration 3" in out and "--- sample (10 tokens" in out
+
+    record = json.loads(record_path.read_text())
+    assert record["config"]["max_iters"] == 6 and record["config"]["n_layer"] == 2
+    assert record["environment"]["torch"] == torch.__version__
+    assert record["iters"] == 6 and record["completed"] and record["world_size"] == 1
+    assert [h["iter"] for h in record["history"]] == [3, 6]
+    assert record["target_val_loss"] == 10.0 and record["iter_to_target"] == 3
+    assert record["seconds_to_target"] == record["history"][0]["seconds"] <= record["seconds"] <= record["wall_seconds"]
+    assert record["train_tokens_per_second"] > 0 and record["mfu"] is None and record["peak_flops"] is None
+    assert record["plot"] == str(tmp_path / "run" / "loss.png") and len(record["sample"]) == 10
+    assert "losses" not in record and "out_dir" not in record
