@@ -75,11 +75,13 @@ class Decoder:
             else GPT2.decode_step
         self.key: tuple = ()  # set by decoder_for
         self._graph = None
-        self._warm = False  # a step has run eagerly: kernels compiled, as capture needs
+        self._warm = False  # a step has run eagerly: kernels compiled, as capture needs (CUDA graph modes)
         # Steps the host's eos check may lag behind (see `tokens`); on the CPU every step runs before the
         # host goes on anyway.
         self.lookahead = LOOKAHEAD if device.type == "cuda" else 0
-        if device.type == "cuda":  # one slot per step in flight (see `tokens`)
+        if device.type == "cuda":
+            self._capture_stream = torch.cuda.Stream(device)
+            # One slot per step in flight (see `tokens`).
             self._host_flags = torch.empty(self.lookahead + 1, dtype=torch.bool, pin_memory=True)
             self._events = [torch.cuda.Event() for _ in range(self.lookahead + 1)]
 
@@ -103,12 +105,18 @@ class Decoder:
             raise ValueError(f"the decoder's KV cache is full ({self.cache.capacity} positions)")
         if self._graph is not None:
             self._graph.replay()
-        elif self.mode in ("graph", "compile") and self._warm and self.model.device.type == "cuda":
-            self._capture()
-            self._graph.replay()
+        elif self.mode in ("graph", "compile") and self.model.device.type == "cuda":
+            if self._warm:
+                self._capture()
+                self._graph.replay()
+            else:  # warm-up, a real step, on the stream capture will use (cuBLAS sets up per stream)
+                self._capture_stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self._capture_stream):
+                    self._step()
+                torch.cuda.current_stream().wait_stream(self._capture_stream)
+                self._warm = True
         else:
             self._step()
-            self._warm = True
         self.cache.filled += 1
 
     def _step(self) -> None:
@@ -126,7 +134,7 @@ class Decoder:
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:  # torch's default generator is registered with every graph already
             graph.register_generator_state(self.generator)
-        with torch.cuda.graph(graph):  # records the kernels of one step; none of them runs now
+        with torch.cuda.graph(graph, stream=self._capture_stream):  # records one step's kernels; none runs now
             self._step()
         self._graph = graph
 
