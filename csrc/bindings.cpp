@@ -409,6 +409,50 @@ TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
 TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) { m.impl("decode_attention_cuda", &decode_attention_cuda); }
 #endif  // GPT2FAST_CUDA
 
+// ---- linear_cross_entropy: the row kernel (the chunks and matmuls are ATen's, in cuda_backend.py) ----
+
+#ifdef GPT2FAST_CUDA
+namespace {
+
+// The loss of every row of logits [rows, V] against targets [rows] (fp32 [rows], 0 where the target is
+// ignore_index); with write_grad, logits are overwritten in place with their gradient times scale.
+at::Tensor cross_entropy_rows_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scale,
+                                   int64_t ignore_index, bool write_grad) {
+  const char* op = "cross_entropy_rows";
+  check_cuda(op, "logits", logits, logits);
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, op, ": logits must be [rows, V] with unit-stride rows, ",
+              "got shape ", logits.sizes(), " and strides ", logits.strides());
+  TORCH_CHECK(logits.size(1) >= 1, op, ": logits must have at least one column");
+  TORCH_CHECK(targets.is_cuda() && targets.device() == logits.device() && targets.scalar_type() == at::kLong &&
+                  targets.dim() == 1 && targets.size(0) == logits.size(0),
+              op, ": targets must be int64 [", logits.size(0), "] on ", logits.device(), ", got ",
+              targets.scalar_type(), " ", targets.sizes(), " on ", targets.device());
+  TORCH_CHECK(scale.is_cuda() && scale.device() == logits.device() && scale.scalar_type() == at::kFloat &&
+                  scale.numel() == 1,
+              op, ": scale must be one float32 on ", logits.device());
+  TORCH_CHECK(logits.size(0) <= INT32_MAX, op, ": at most ", INT32_MAX, " rows, got ", logits.size(0));
+  c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  const at::Tensor dense_targets = targets.contiguous();
+  check_launch(op, gpt2fast::cross_entropy_rows_cuda(dtype_of(logits), logits.data_ptr(), logits.stride(0),
+                                                     dense_targets.data_ptr<int64_t>(), loss.data_ptr<float>(),
+                                                     scale.data_ptr<float>(), logits.size(0), logits.size(1),
+                                                     ignore_index, write_grad, c10::cuda::getCurrentCUDAStream()));
+  return loss;
+}
+
+}  // namespace
+#endif  // GPT2FAST_CUDA
+
+TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
+  m.def("cross_entropy_rows_cuda(Tensor(a!) logits, Tensor targets, Tensor scale, int ignore_index, "
+        "bool write_grad) -> Tensor");
+}
+
+#ifdef GPT2FAST_CUDA
+TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) { m.impl("cross_entropy_rows_cuda", &cross_entropy_rows_cuda); }
+#endif  // GPT2FAST_CUDA
+
 
 namespace {
 

@@ -29,6 +29,17 @@ namespace gpt2fast {
 // Every CUDA launcher takes the stream to launch on and returns the launch's error (cudaGetLastError).
 enum class DType : int32_t { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
+// ---- linear_cross_entropy's row kernel (CUDA) ----
+
+// Each of `rows` rows of logits (row_stride elements apart, unit-stride columns, `vocab` wide) becomes its
+// cross-entropy against targets[row] (int64; a row whose target is ignore_index gets loss 0), written to
+// loss (fp32 [rows]): lse(row) - row[target], in fp32. With write_grad, the row is then overwritten with
+// its gradient, (softmax(row) - onehot(target)) * *scale (0 for an ignored row). Targets must lie in
+// [0, vocab) or equal ignore_index; scale is one fp32 on the device.
+cudaError_t cross_entropy_rows_cuda(DType dtype, void* logits, int64_t row_stride, const int64_t* targets,
+                                    float* loss, const float* scale, int64_t rows, int64_t vocab,
+                                    int64_t ignore_index, bool write_grad, cudaStream_t stream);
+
 // ---- layer_norm (CUDA) ----
 
 // The widest row the LayerNorm kernels take: a row lives in registers, at most 16 values a thread.

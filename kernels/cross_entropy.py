@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpt2fast.ops.reference import cross_entropy_chunk_rows, cross_entropy_scale
+from gpt2fast.ops.formulas import linear_cross_entropy_chunks
 
 MAX_BLOCK = 4096  # a tile of V: 16 fp32 values per thread at 8 warps
 
@@ -45,37 +45,16 @@ def _cross_entropy_kernel(Logits, Targets, Loss, Scale, stride_row, V, ignore_in
             tl.store(logits + start + cols, (g * row_scale).to(Logits.dtype.element_ty), mask=mask)
 
 
-def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b into the fp32 accumulator: in place for fp32 operands; for low precision ones through their
-    product in their dtype (addmm takes one dtype; an fp32 copy of them would cost more)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    else:
-        acc += a @ b
+def cross_entropy_rows(logits, targets, scale, ignore_index, write_grad):
+    """The loss of every row of logits [n, V] (fp32 [n]); with write_grad, the rows become their gradient."""
+    n, V = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    _cross_entropy_kernel[(n,)](  # one program per row
+        logits, targets, loss, scale, logits.stride(0), V, ignore_index,
+        WRITE_GRAD=write_grad, BLOCK=min(triton.next_power_of_2(V), MAX_BLOCK), num_warps=8)
+    return loss
 
 
 def linear_cross_entropy_forward(x, weight, targets, ignore_index, mean, grad_x, grad_weight):
-    """(loss, d loss / d x or None, d loss / d weight or None). loss: fp32 0-dim, the mean (mean=True) or sum of
-    the losses of rows whose target is not ignore_index (0 when there are none); the gradients in the inputs'
-    dtypes, the weight's accumulated over the chunks in fp32."""
-    x2, t = x.reshape(-1, x.shape[-1]), targets.reshape(-1).contiguous()
-    (N, C), V = x2.shape, weight.shape[0]
-    scale = cross_entropy_scale(t != ignore_index, mean, torch.float32)
-    loss_rows = torch.empty(N, dtype=torch.float32, device=x.device)
-    dx = torch.empty((N, C), dtype=x.dtype, device=x.device) if grad_x else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grad_weight else None
-    block = min(triton.next_power_of_2(V), MAX_BLOCK)
-    step = cross_entropy_chunk_rows(N, C, V)
-    for start in range(0, N, step):
-        rows = slice(start, start + step)
-        xc = x2[rows]
-        logits = xc @ weight.T
-        _cross_entropy_kernel[(xc.shape[0],)](  # one program per row of the chunk
-            logits, t[rows], loss_rows[rows], scale, logits.stride(0), V, ignore_index,
-            WRITE_GRAD=grad_x or grad_weight, BLOCK=block, num_warps=8)
-        if dx is not None:
-            torch.mm(logits, weight, out=dx[rows])
-        if dw is not None:
-            _add_matmul(dw, logits.T, xc)
-    return (loss_rows.sum() * scale, None if dx is None else dx.view(x.shape),
-            None if dw is None else dw.to(weight.dtype))
+    """(loss, d loss / d x or None, d loss / d weight or None): see formulas.linear_cross_entropy_chunks."""
+    return linear_cross_entropy_chunks(x, weight, targets, ignore_index, mean, grad_x, grad_weight, cross_entropy_rows)

@@ -11,11 +11,14 @@ import torch.nn.functional as F
 import gpt2fast
 from gpt2fast import ops
 from gpt2fast.cli import describe_backends
-from gpt2fast.ops import reference
+from gpt2fast.ops import cuda_backend as cb, reference
 from conftest import AVAILABLE_BACKENDS, fallback_records, randn
 
 OP = "linear_cross_entropy"
-BACKENDS = [name for name in AVAILABLE_BACKENDS if OP in ops.backends()[name].impls]
+# The tests run on CPU tensors, where the cuda backend has no kernel of this op (its row kernel is CUDA only).
+BACKENDS = [name for name in AVAILABLE_BACKENDS if OP in ops.backends()[name].impls and name != "cuda"]
+GPU_BACKENDS = BACKENDS + (["cuda"] if "cuda" in AVAILABLE_BACKENDS and cb._has_kernel("cross_entropy_rows_cuda", "cuda")
+                           else [])
 needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable")
 GRAD_SCALE = 2.5  # the gradient reaching the loss: the backward must scale by it
 # bfloat16: triton's logits and their gradient are rounded to bfloat16 (as Liger-Kernel's are), which puts its
@@ -166,10 +169,9 @@ def test_triton_refuses_float64_for_the_reference_with_one_log_line(fresh_log, c
     assert len(records) == 1 and OP in records[0] and "dtype torch.float64" in records[0], records
 
 
-def test_a_backend_without_the_op_falls_back_with_one_log_line(fresh_log, caplog):
-    """The cuda backend has no linear_cross_entropy: named, it runs the reference and says so once."""
-    if OP in ops.backends()["cuda"].impls:
-        pytest.skip("the cuda backend implements linear_cross_entropy")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors: the cuda backend's kernel is CUDA only")
+def test_the_cuda_backend_on_cpu_tensors_falls_back_with_one_log_line(fresh_log, caplog):
+    """The cuda backend's row kernel runs on CUDA only: named for CPU tensors, the reference runs, said once."""
     x, weight, targets = make_inputs((5,), 8, 7)
     with caplog.at_level(logging.WARNING, logger="gpt2fast"):
         for _ in range(2):
@@ -181,9 +183,20 @@ def test_a_backend_without_the_op_falls_back_with_one_log_line(fresh_log, caplog
 
 def test_backends_command_lists_the_op_where_it_is_implemented():
     rows = {name: detail for name, status, detail in describe_backends() if status == "available"}
-    assert OP in rows["torch"]
-    assert ("triton" not in rows) or OP in rows["triton"]
-    assert ("cuda" not in rows) or OP not in rows["cuda"]
+    for name in ("torch", "triton", "cuda"):
+        assert (name not in rows) or OP in rows[name]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("C", [768, 1600])
+def test_gpt2_shapes_on_gpu(backend, dtype, C):
+    """GPT-2's head, V = 50257, 2,048 rows (several chunks at C = 768): every kernel on CUDA tensors."""
+    x, weight, targets = make_inputs((2, 1024), C, 50257, dtype)
+    x, weight = (t.detach().cuda().requires_grad_() for t in (x, weight))
+    got = run(backend, x, weight, targets.cuda())
+    assert_matches([t.cpu() for t in got], oracle(x.cpu(), weight.cpu(), targets), dtype)
 
 
 # ---- input checks ----

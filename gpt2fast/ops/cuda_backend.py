@@ -192,3 +192,27 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     seed = torch.randint(0, 2**62, (1,), generator=generator, device=logits.device)
     return torch.ops.gpt2fast.sample_cuda(logits, float(temperature), top_k or 0,
                                           1.0 if top_p is None else float(top_p), seed)
+
+
+# ---- linear_cross_entropy: ATen's matmuls, a chunk of rows at a time, around the CUDA row kernel ----
+
+
+@torch.library.custom_op("gpt2fast::linear_cross_entropy_chunked_cuda", mutates_args=())
+def linear_cross_entropy_op(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, mean: bool,
+                            grad_x: bool, grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, dx, dweight), the gradients made in the forward (each an empty tensor unless asked for)."""
+    loss, dx, dw = formulas.linear_cross_entropy_chunks(x, weight, targets, ignore_index, mean, grad_x, grad_weight,
+                                                        torch.ops.gpt2fast.cross_entropy_rows_cuda)
+    return loss, x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw
+
+
+linear_cross_entropy_op.register_fake(formulas.linear_cross_entropy_fake)
+_backward, _setup_context = formulas.linear_cross_entropy_autograd()
+linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register("linear_cross_entropy", NAME, supports=lambda x, *args: _refusal("cross_entropy_rows_cuda", x))
+def linear_cross_entropy(x, weight, targets, ignore_index=-100, reduction="mean"):
+    grads = torch.is_grad_enabled()
+    return linear_cross_entropy_op(x, weight, targets, ignore_index, reduction == "mean",
+                                   grads and x.requires_grad, grads and weight.requires_grad)[0]

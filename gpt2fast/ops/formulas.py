@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from .reference import cross_entropy_chunk_rows, cross_entropy_scale
+
 
 def layer_norm_fake(x, weight, bias, eps, residual):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
@@ -86,3 +88,38 @@ def linear_cross_entropy_autograd() -> tuple[Callable, Callable]:
                 None, None, None, None, None)
 
     return backward, setup_context
+
+
+def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b into the fp32 accumulator: in place for fp32 operands; for low precision ones through their
+    product in their dtype (addmm takes one dtype; an fp32 copy of them would cost more)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += a @ b
+
+
+def linear_cross_entropy_chunks(x, weight, targets, ignore_index, mean, grad_x, grad_weight, rows_kernel):
+    """(loss, d loss / d x or None, d loss / d weight or None), a chunk of rows at a time: torch's matmul makes
+    the chunk's logits in the input dtype, rows_kernel(logits, targets, scale, ignore_index, write_grad) turns
+    them into the rows' losses (fp32) and, in place, their gradients, and two more matmuls carry those to x
+    and weight. loss: fp32 0-dim, the mean (mean=True) or sum over rows whose target is not ignore_index (0
+    when there are none); the gradients in the inputs' dtypes, the weight's accumulated in fp32."""
+    x2, t = x.reshape(-1, x.shape[-1]), targets.reshape(-1).contiguous()
+    (N, C), V = x2.shape, weight.shape[0]
+    scale = cross_entropy_scale(t != ignore_index, mean, torch.float32)
+    dx = torch.empty((N, C), dtype=x.dtype, device=x.device) if grad_x else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grad_weight else None
+    step = cross_entropy_chunk_rows(N, C, V)
+    losses = []
+    for start in range(0, N, step):
+        rows = slice(start, start + step)
+        xc = x2[rows]
+        logits = xc @ weight.T
+        losses.append(rows_kernel(logits, t[rows], scale, ignore_index, grad_x or grad_weight))
+        if dx is not None:
+            torch.mm(logits, weight, out=dx[rows])
+        if dw is not None:
+            _add_matmul(dw, logits.T, xc)
+    loss = torch.cat(losses).sum() if losses else x.new_zeros((), dtype=torch.float32)
+    return (loss * scale, None if dx is None else dx.view(x.shape), None if dw is None else dw.to(weight.dtype))
