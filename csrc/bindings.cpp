@@ -347,9 +347,10 @@ TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) { m.impl("causal_attention_cuda", &causal_
 namespace {
 
 // The lengths' values are gpt2fast.ops' to check (on the device): reading them here would wait for the GPU.
-at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                 const at::Tensor& lengths) {
-  const char* op = "decode_attention";
+// With k_new and v_new, the new tokens' keys and values are appended to the caches, in place, by the kernel.
+at::Tensor decode(const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& lengths, const c10::optional<at::Tensor>& k_new,
+                  const c10::optional<at::Tensor>& v_new) {
   check_cuda(op, "q", q, q);
   check_cuda(op, "k_cache", k_cache, q);
   check_cuda(op, "v_cache", v_cache, q);
@@ -372,6 +373,18 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == batch, op, ": lengths must be [B] = [", batch, "], got ",
               lengths.sizes());
   TORCH_CHECK(batch * heads <= INT32_MAX, op, ": at most 2^31 - 1 batch * heads, got ", batch * heads);
+  at::Tensor new_k, new_v;  // k_new and v_new with unit-stride rows, when appending
+  if (k_new.has_value()) {
+    check_cuda(op, "k_new", *k_new, q);
+    check_cuda(op, "v_new", *v_new, q);
+    TORCH_CHECK(k_new->sizes() == q.sizes() && v_new->sizes() == q.sizes(), op, ": k_new and v_new must have q's shape ",
+                q.sizes(), ", got ", k_new->sizes(), " and ", v_new->sizes());
+    // The kernel writes the caches where they are: a copy with 16-byte rows would take the append.
+    TORCH_CHECK(with_16_byte_rows(k_cache).is_same(k_cache) && with_16_byte_rows(v_cache).is_same(v_cache), op,
+                ": appending needs caches whose rows are 16-byte aligned with a unit-stride head dim");
+    new_k = k_new->stride(3) == 1 ? *k_new : k_new->contiguous();
+    new_v = v_new->stride(3) == 1 ? *v_new : v_new->contiguous();
+  }
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({batch, heads, queries, head_dim}, q.options());
   if (out.numel() == 0) return out;
@@ -390,11 +403,24 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   const auto data = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
   check_launch(op, gpt2fast::decode_attention_cuda(
                        dtype_of(q), q16.data_ptr(), head_strides(q16), k16.data_ptr(), head_strides(k16),
-                       v16.data_ptr(), head_strides(v16), dense_lengths.data_ptr(),
+                       v16.data_ptr(), head_strides(v16), new_k.defined() ? new_k.data_ptr() : nullptr,
+                       new_k.defined() ? head_strides(new_k) : gpt2fast::HeadStrides{},
+                       new_v.defined() ? new_v.data_ptr() : nullptr,
+                       new_v.defined() ? head_strides(new_v) : gpt2fast::HeadStrides{}, dense_lengths.data_ptr(),
                        dense_lengths.scalar_type() == at::kLong, out.data_ptr(), data(partial_acc),
                        data(partial_max), data(partial_sum), batch, heads, queries, cache_len, head_dim, splits,
                        c10::cuda::getCurrentCUDAStream()));
   return out;
+}
+
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& lengths) {
+  return decode("decode_attention", q, k_cache, v_cache, lengths, c10::nullopt, c10::nullopt);
+}
+
+at::Tensor decode_attention_append_cuda(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
+                                        const at::Tensor& lengths, const at::Tensor& k_new, const at::Tensor& v_new) {
+  return decode("decode_attention_append", q, k_cache, v_cache, lengths, k_new, v_new);
 }
 
 }  // namespace
@@ -403,10 +429,15 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
 // Inference only: no autograd formula (gpt2fast.ops runs the reference where inputs require grad).
 TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
   m.def("decode_attention_cuda(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths) -> Tensor");
+  m.def("decode_attention_append_cuda(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor lengths, "
+        "Tensor k_new, Tensor v_new) -> Tensor");
 }
 
 #ifdef GPT2FAST_CUDA
-TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) { m.impl("decode_attention_cuda", &decode_attention_cuda); }
+TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) {
+  m.impl("decode_attention_cuda", &decode_attention_cuda);
+  m.impl("decode_attention_append_cuda", &decode_attention_append_cuda);
+}
 #endif  // GPT2FAST_CUDA
 
 // ---- linear_cross_entropy: the row kernel (the chunks and matmuls are ATen's, in cuda_backend.py) ----

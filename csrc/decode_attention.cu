@@ -15,6 +15,8 @@
 // With several chunks each writes its partial (m, l, acc) to scratch and the combine kernel merges them:
 //   out = sum_c 2^(m_c - M) acc_c / sum_c 2^(m_c - M) l_c,  M = max_c m_c;
 // with one, the split kernel writes the output itself (one launch per call).
+// With k_new/v_new the call also appends: the block whose chunk holds a new position writes that row into the
+// cache first, so the append costs no launch of its own.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,14 +37,16 @@ constexpr double kLog2e = 1.4426950408889634;
 
 struct DecodeParams {
   const void* q;
-  const void* k;
-  const void* v;
+  void* k;  // written only where the call appends (k_new set)
+  void* v;
+  const void* k_new;  // null: nothing to append
+  const void* v_new;
   const void* lengths;
   void* out;
   float* partial_acc;
   float* partial_max;
   float* partial_sum;
-  HeadStrides q_strides, k_strides, v_strides;
+  HeadStrides q_strides, k_strides, v_strides, k_new_strides, v_new_strides;
   int64_t cache_len, chunk;
   int heads, queries, num_splits;
   bool lengths_int64;
@@ -108,8 +112,22 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   const int64_t start = split * p.chunk;
   const int64_t end = start + p.chunk < length ? start + p.chunk : length;
   const int n_blocks = end > start ? static_cast<int>((end - start + kBlockN - 1) / kBlockN) : 0;
-  const T* k_head = static_cast<const T*>(p.k) + b * p.k_strides.batch + h * p.k_strides.head;
-  const T* v_head = static_cast<const T*>(p.v) + b * p.v_strides.batch + h * p.v_strides.head;
+  T* k_head = static_cast<T*>(p.k) + b * p.k_strides.batch + h * p.k_strides.head;
+  T* v_head = static_cast<T*>(p.v) + b * p.v_strides.batch + h * p.v_strides.head;
+
+  if (p.k_new != nullptr) {
+    // Append: this chunk's share of the new positions [length - queries, length) gets k_new's and v_new's
+    // rows before any tile is loaded. No other block reads them: each reads only its own chunk.
+    const int64_t first_new = length - queries, lo = first_new > start ? first_new : start;
+    const T* k_new = static_cast<const T*>(p.k_new) + b * p.k_new_strides.batch + h * p.k_new_strides.head;
+    const T* v_new = static_cast<const T*>(p.v_new) + b * p.v_new_strides.batch + h * p.v_new_strides.head;
+    for (int64_t i = tid; i < (end - lo) * D; i += kThreads) {
+      const int64_t row = lo + i / D, d = i % D;
+      k_head[row * p.k_strides.token + d] = k_new[(row - first_new) * p.k_new_strides.token + d];
+      v_head[row * p.v_strides.token + d] = v_new[(row - first_new) * p.v_new_strides.token + d];
+    }
+    __syncthreads();  // the rows are written before this block's copies read them
+  }
 
   if (n_blocks > 0) {
     load_rows_async<D, kBlockN, D, kThreads>(k_tile(0), k_head, p.k_strides.token, start, end);
@@ -331,20 +349,22 @@ cudaError_t decode_attention_splits(int64_t batch_heads, int64_t cache_len, int*
   return cudaSuccess;
 }
 
-cudaError_t decode_attention_cuda(DType dtype, const void* q, HeadStrides q_strides, const void* k_cache,
-                                  HeadStrides k_strides, const void* v_cache, HeadStrides v_strides,
+cudaError_t decode_attention_cuda(DType dtype, const void* q, HeadStrides q_strides, void* k_cache,
+                                  HeadStrides k_strides, void* v_cache, HeadStrides v_strides, const void* k_new,
+                                  HeadStrides k_new_strides, const void* v_new, HeadStrides v_new_strides,
                                   const void* lengths, bool lengths_int64, void* out, float* partial_acc,
                                   float* partial_max, float* partial_sum, int64_t batch, int64_t heads,
                                   int64_t queries, int64_t cache_len, int64_t head_dim, int num_splits,
                                   cudaStream_t stream) {
   if (batch < 0 || heads < 0 || batch * heads > INT32_MAX || queries < 1 || queries > kMaxQueries ||
       queries > cache_len || num_splits < 1 || num_splits > 65535 ||
-      (num_splits > 1 && (!partial_acc || !partial_max || !partial_sum))) {
+      (num_splits > 1 && (!partial_acc || !partial_max || !partial_sum)) || (k_new == nullptr) != (v_new == nullptr)) {
     return cudaErrorInvalidValue;
   }
   if (batch * heads == 0) return cudaSuccess;
-  const DecodeParams p{q, k_cache, v_cache, lengths, out, partial_acc, partial_max, partial_sum,
-                       q_strides, k_strides, v_strides, cache_len, 0, static_cast<int>(heads),
+  const DecodeParams p{q, k_cache, v_cache, k_new, v_new, lengths, out, partial_acc, partial_max, partial_sum,
+                       q_strides, k_strides, v_strides, k_new_strides, v_new_strides, cache_len, 0,
+                       static_cast<int>(heads),
                        static_cast<int>(queries), num_splits, lengths_int64,
                        static_cast<float>(kLog2e / std::sqrt(static_cast<double>(head_dim)))};
   const int batch_heads = static_cast<int>(batch * heads);

@@ -132,10 +132,13 @@ cudaError_t decode_attention_splits(int64_t batch_heads, int64_t cache_len, int*
 // more than one, each chunk writes its partial result (its running max in log2 units, sum of exponentials
 // and unnormalised output, fp32) to the caller's scratch, dense partial_acc [B * H, num_splits, queries, D],
 // partial_max and partial_sum [B * H, num_splits, queries], and a second kernel merges the chunks. With
-// one split the scratch pointers may be null. cudaErrorInvalidValue for sizes, strides or alignments it
-// does not take.
-cudaError_t decode_attention_cuda(DType dtype, const void* q, HeadStrides q_strides, const void* k_cache,
-                                  HeadStrides k_strides, const void* v_cache, HeadStrides v_strides,
+// one split the scratch pointers may be null. With k_new and v_new ([B, H, queries, D], any strides with
+// unit-stride rows; both or neither), the call appends first: their rows go into the caches at positions
+// lengths[b] - queries .. lengths[b] - 1, which are then read as any other (the caches are written only there).
+// cudaErrorInvalidValue for sizes, strides or alignments it does not take.
+cudaError_t decode_attention_cuda(DType dtype, const void* q, HeadStrides q_strides, void* k_cache,
+                                  HeadStrides k_strides, void* v_cache, HeadStrides v_strides, const void* k_new,
+                                  HeadStrides k_new_strides, const void* v_new, HeadStrides v_new_strides,
                                   const void* lengths, bool lengths_int64, void* out, float* partial_acc,
                                   float* partial_max, float* partial_sum, int64_t batch, int64_t heads,
                                   int64_t queries, int64_t cache_len, int64_t head_dim, int num_splits,

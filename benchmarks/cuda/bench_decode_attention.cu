@@ -44,8 +44,8 @@ void bench_decode(gpt2fast::DType dtype, const char* dtype_name, int64_t queries
   const gpt2fast::HeadStrides q_strides{H * queries * D, queries * D, D}, cache_strides{H * S * D, S * D, D};
   cudaError_t err = cudaSuccess;
   const double seconds = bench::median_seconds([&] {
-    err = gpt2fast::decode_attention_cuda(dtype, q, q_strides, k, cache_strides, v, cache_strides, lengths_device,
-                                          true, out, partial_acc, partial_max, partial_sum, B, H, queries, S, D,
+    err = gpt2fast::decode_attention_cuda(dtype, q, q_strides, k, cache_strides, v, cache_strides, nullptr, {}, nullptr,
+                                          {}, lengths_device, true, out, partial_acc, partial_max, partial_sum, B, H, queries, S, D,
                                           splits, nullptr);
   });
   const cudaError_t sync = cudaDeviceSynchronize();

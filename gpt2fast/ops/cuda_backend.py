@@ -75,6 +75,7 @@ def _register_python_parts() -> None:
         "gelu_mlp_cuda": _gelu_mlp_fake,
         "causal_attention_cuda": formulas.causal_attention_fake,
         "decode_attention_cuda": lambda q, k_cache, v_cache, lengths: q.new_empty(q.shape),
+        "decode_attention_append_cuda": lambda q, k_cache, v_cache, lengths, k_new, v_new: q.new_empty(q.shape),
         "sample_cuda": lambda logits, *params: logits.new_empty(logits.shape[0], dtype=torch.int64),
     }
     for op, fake in fakes.items():
@@ -173,10 +174,22 @@ def _decode_attention_supports(q, k_cache, v_cache, lengths, k_new=None, v_new=N
     return _refusal("decode_attention_cuda", q, q, k_cache, v_cache)
 
 
+def _rows_of_16_bytes(t: Tensor) -> bool:
+    """Whether the decode kernel reads t's rows as they are (else the binding would read a copy). By the
+    storage offset, not the address, so that torch.compile can trace it (storage starts 16-byte aligned)."""
+    vec = 16 // t.element_size()
+    return (t.stride(-1) == 1 and t.storage_offset() % vec == 0
+            and all(t.stride(d) % vec == 0 for d in range(3) if t.shape[d] > 1))
+
+
 @register("decode_attention", NAME, supports=_decode_attention_supports)
 def decode_attention(q, k_cache, v_cache, lengths, k_new=None, v_new=None):
-    if k_new is not None:  # not fused into the kernel yet: one scatter per cache, then the kernel
-        reference.append_kv(k_cache, v_cache, lengths, k_new, v_new)
+    if k_new is None:
+        return torch.ops.gpt2fast.decode_attention_cuda(q, k_cache, v_cache, lengths)
+    if (_has_kernel("decode_attention_append_cuda", q.device.type) and _rows_of_16_bytes(k_cache)
+            and _rows_of_16_bytes(v_cache)):  # the kernel appends, in place
+        return torch.ops.gpt2fast.decode_attention_append_cuda(q, k_cache, v_cache, lengths, k_new, v_new)
+    reference.append_kv(k_cache, v_cache, lengths, k_new, v_new)  # an older build, or caches read through a copy
     return torch.ops.gpt2fast.decode_attention_cuda(q, k_cache, v_cache, lengths)
 
 

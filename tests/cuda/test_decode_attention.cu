@@ -2,7 +2,8 @@
 // the cache holds NaN past every length, so a kernel that reads (or weighs) one entry there fails. Lengths
 // from 1 to S ending mid-chunk, on chunk edges and with whole chunks past them; 1, 3 and 16 queries; head
 // dims 16 to 128; fp32 / fp16 / bf16; int32 and int64 lengths; dense caches and [B, S, H, D] views; the
-// cache cut into 1, 2 and 5 chunks and into as many as decode_attention_splits asks for. Outputs and
+// cache cut into 1, 2 and 5 chunks and into as many as decode_attention_splits asks for; each case also
+// appending its newest keys and values from separate buffers (NaN in the cache where they go). Outputs and
 // partials are poisoned with NaN first. Exits nonzero on any mismatch.
 #include <cmath>
 #include <cstdio>
@@ -73,9 +74,10 @@ void* lengths_on_device(const std::vector<int64_t>& lengths) {
   return device;
 }
 
-// splits 0: as many as decode_attention_splits asks for.
+// splits 0: as many as decode_attention_splits asks for. append: the cache holds NaN at the new tokens'
+// positions too, and the call appends their keys and values from separate [B, H, queries, D] buffers.
 template <typename T>
-bool run(const Case& c, int splits, bool token_major, bool int64_lengths, uint64_t seed) {
+bool run(const Case& c, int splits, bool token_major, bool int64_lengths, bool append, uint64_t seed) {
   const int64_t B = c.batch, H = c.heads, S = c.cache_len, D = c.head_dim, Tq = c.queries;
   if (splits == 0) CHECK_CUDA(gpt2fast::decode_attention_splits(B * H, S, &splits));
   const gpt2fast::HeadStrides qs = strides(c, Tq, token_major), cs = strides(c, S, token_major);
@@ -87,27 +89,69 @@ bool run(const Case& c, int splits, bool token_major, bool int64_lengths, uint64
       }
     }
   }
-  std::vector<float> q_host, k_host, v_host;
+  // The new tokens' rows, [B, H, queries, D] dense; with append the cache gets NaN where they go.
+  const gpt2fast::HeadStrides ns = strides(c, Tq, false);
+  std::vector<float> k_rows(B * H * Tq * D), v_rows(B * H * Tq * D);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < Tq; ++i) {
+        for (int64_t d = 0; d < D; ++d) {
+          float& k_at = k_values[at(cs, b, h, c.lengths[b] - Tq + i, d)];
+          float& v_at = v_values[at(cs, b, h, c.lengths[b] - Tq + i, d)];
+          k_rows[at(ns, b, h, i, d)] = k_at, v_rows[at(ns, b, h, i, d)] = v_at;
+          if (append) k_at = v_at = NAN;
+        }
+      }
+    }
+  }
+  std::vector<float> q_host, k_host, v_host, k_new_host, v_new_host;
   T* q = check::to_device<T>(check::randn(B * H * Tq * D, seed, 2.0f), &q_host);
   T* k = check::to_device<T>(k_values, &k_host);
   T* v = check::to_device<T>(v_values, &v_host);
+  T* k_new = append ? check::to_device<T>(k_rows, &k_new_host) : nullptr;
+  T* v_new = append ? check::to_device<T>(v_rows, &v_new_host) : nullptr;
+  std::vector<float> k_want = k_host, v_want = v_host;  // the caches as they must be after the call
+  for (int64_t b = 0; append && b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < Tq; ++i) {
+        for (int64_t d = 0; d < D; ++d) {
+          k_want[at(cs, b, h, c.lengths[b] - Tq + i, d)] = k_new_host[at(ns, b, h, i, d)];
+          v_want[at(cs, b, h, c.lengths[b] - Tq + i, d)] = v_new_host[at(ns, b, h, i, d)];
+        }
+      }
+    }
+  }
   void* lengths = int64_lengths ? lengths_on_device<int64_t>(c.lengths) : lengths_on_device<int32_t>(c.lengths);
   T* out = check::poisoned<T>(B * H * Tq * D);
   float* partial_acc = check::poisoned<float>(B * H * splits * Tq * D);
   float* partial_max = check::poisoned<float>(B * H * splits * Tq);
   float* partial_sum = check::poisoned<float>(B * H * splits * Tq);
-  CHECK_CUDA(gpt2fast::decode_attention_cuda(check::dtype_of<T>, q, qs, k, cs, v, cs, lengths, int64_lengths, out, partial_acc,
-                                             partial_max, partial_sum, B, H, Tq, S, D, splits, nullptr));
+  CHECK_CUDA(gpt2fast::decode_attention_cuda(check::dtype_of<T>, q, qs, k, cs, v, cs, k_new, ns, v_new, ns, lengths,
+                                             int64_lengths, out, partial_acc, partial_max, partial_sum, B, H, Tq, S, D,
+                                             splits, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
   const char* dtype = sizeof(T) == 4 ? "fp32" : std::is_same_v<T, __half> ? "fp16" : "bf16";
   std::string what = std::string("decode_attention ") + dtype + " B" + std::to_string(B) + " H" + std::to_string(H) +
                      " S" + std::to_string(S) + " D" + std::to_string(D) + " Tq" + std::to_string(Tq) + " splits " +
                      std::to_string(splits) +
-                     (token_major ? " BSHD" : " BHSD") + (int64_lengths ? " int64" : " int32") + " lengths";
+                     (token_major ? " BSHD" : " BHSD") + (append ? " append" : "") +
+                     (int64_lengths ? " int64" : " int32") + " lengths";
   for (int64_t length : c.lengths) what += " " + std::to_string(length);
-  const bool ok = check::close(what.c_str(), check::to_host(out, B * H * Tq * D),
-                               reference(c, q_host, qs, k_host, v_host, cs), check::rtol<T>(), kAtol<T>);
-  for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v), lengths,
+  bool ok = check::close(what.c_str(), check::to_host(out, B * H * Tq * D),
+                         reference(c, q_host, qs, k_want, v_want, cs), check::rtol<T>(), kAtol<T>);
+  if (append) {  // exactly the new rows written, nothing else touched (NaN past the lengths stays NaN)
+    const std::vector<float> k_got = check::to_host(k, k_want.size()), v_got = check::to_host(v, v_want.size());
+    for (size_t i = 0; i < k_want.size() && ok; ++i) {
+      const auto same = [](float x, float y) { return x == y || (std::isnan(x) && std::isnan(y)); };
+      if (!same(k_got[i], k_want[i]) || !same(v_got[i], v_want[i])) {
+        std::fprintf(stderr, "FAIL %s: cache element %zu is %g / %g, expected %g / %g\n", what.c_str(), i, k_got[i],
+                     v_got[i], k_want[i], v_want[i]);
+        ok = false;
+      }
+    }
+  }
+  for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(k_new),
+                  static_cast<void*>(v_new), lengths,
                   static_cast<void*>(out), static_cast<void*>(partial_acc), static_cast<void*>(partial_max),
                   static_cast<void*>(partial_sum)}) {
     CHECK_CUDA(cudaFree(p));
@@ -133,7 +177,8 @@ bool run_all() {
   for (const Case& c : cases) {
     for (const int splits : {1, 2, 5, 0}) {
       const bool token_major = splits % 2 == 1, int64_lengths = splits != 2;
-      ok &= run<T>(c, splits, token_major, int64_lengths, seed += 10);
+      ok &= run<T>(c, splits, token_major, int64_lengths, false, seed += 10);
+      ok &= run<T>(c, splits, token_major, int64_lengths, true, seed += 10);
     }
   }
   return ok;
@@ -144,16 +189,20 @@ bool refuses_bad_arguments() {
   float* x = check::poisoned<float>(4096);
   const gpt2fast::HeadStrides dense{1024, 1024, 64};
   const auto call = [&](int64_t queries, int64_t head_dim, int splits, float* partials) {
-    return gpt2fast::decode_attention_cuda(gpt2fast::DType::Float32, x, dense, x, dense, x, dense, x, true, x,
-                                           partials, partials, partials, 1, 1, queries, 16, head_dim, splits, nullptr);
+    return gpt2fast::decode_attention_cuda(gpt2fast::DType::Float32, x, dense, x, dense, x, dense, nullptr, {}, nullptr,
+                                           {}, x, true, x, partials, partials, partials, 1, 1, queries, 16, head_dim,
+                                           splits, nullptr);
   };
   const bool ok = call(17, 64, 1, nullptr) == cudaErrorInvalidValue &&  // 17 queries
                   call(1, 48, 1, nullptr) == cudaErrorInvalidValue &&   // head dim 48
                   call(1, 64, 2, nullptr) == cudaErrorInvalidValue &&   // two splits, no partials
                   call(1, 64, 0, x) == cudaErrorInvalidValue &&         // no split
+                  gpt2fast::decode_attention_cuda(gpt2fast::DType::Float32, x, dense, x, dense, x, dense, x, dense,
+                                                  nullptr, {}, x, true, x, nullptr, nullptr, nullptr, 1, 1, 1, 16, 64,
+                                                  1, nullptr) == cudaErrorInvalidValue &&  // k_new without v_new
                   cudaGetLastError() == cudaSuccess;
   CHECK_CUDA(cudaFree(x));
-  std::printf("%s decode_attention refuses 17 queries, head dim 48, missing partials and 0 splits\n",
+  std::printf("%s decode_attention refuses 17 queries, head dim 48, missing partials, 0 splits, k_new alone\n",
               ok ? "ok  " : "FAIL");
   return ok;
 }
