@@ -85,6 +85,18 @@ def test_each_sequence_of_a_batch_gets_its_solo_tokens(model, mode):
         assert torch.equal(out[i, ids.shape[1]:], alone[0, row.numel():]), f"row {i} (prompt of {lengths[i]})"
 
 
+def test_a_batch_of_256_prompts_of_different_lengths_gives_rows_their_solo_tokens(model):
+    """Batch 256, prompts of 1 to 40 tokens padded on the left, greedy: rows spread over the batch, each
+    against its prompt decoded alone."""
+    lengths = torch.randint(1, 41, (256,), generator=torch.Generator().manual_seed(3)).tolist()
+    ids, mask, rows = padded_batch(lengths, seed=60)
+    out = model.generate(ids, 8, attention_mask=mask, do_sample=False)
+    assert out.shape == (256, ids.shape[1] + 8)
+    for i in (0, 1, 77, 128, 200, 255):
+        alone = model.generate(rows[i][None], 8, do_sample=False)
+        assert torch.equal(out[i, ids.shape[1]:], alone[0, rows[i].numel():]), f"row {i} (prompt of {lengths[i]})"
+
+
 @pytest.mark.parametrize("lookahead", [0, 1, 3])
 def test_eos_ends_the_stream_on_the_same_step_whatever_the_host_lag(model, lookahead, monkeypatch):
     """The host may learn of eos a few steps late; the stream still ends right after the step where the
