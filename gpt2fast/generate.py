@@ -204,6 +204,12 @@ def decoder_for(model: GPT2, batch: int, capacity: int, *, temperature: float, t
     return decoder
 
 
+def release_decoder(model: GPT2) -> None:
+    """Drop the decoder the model keeps (its KV cache, buffers and CUDA graph), freeing their memory now rather
+    than at the next generation with other settings or when the model goes."""
+    _DECODERS.pop(model, None)
+
+
 def _capacity(prompt: int, max_new_tokens: int, n_positions: int) -> int:
     """KV cache positions for a generation: the last step's token is never fed back, so prompt + new - 1,
     rounded up to a multiple of 256 (within the context) so that generations of similar lengths share

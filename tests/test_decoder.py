@@ -135,6 +135,15 @@ def test_the_decoder_is_kept_for_the_same_settings_and_replaced_otherwise(model)
     assert decoder_for(other, 2, 64, **settings) is not decoder_for(model, 2, 64, **settings)
 
 
+def test_release_decoder_frees_the_kept_buffers():
+    model = tiny(seed=5)
+    model.generate(random_ids(V, 1, 4, seed=46).to(DEVICE), 4, do_sample=False)
+    cache = __import__("weakref").ref(gpt2fast.generate._DECODERS[model].cache)
+    gpt2fast.generate.release_decoder(model)
+    gc.collect()
+    assert model not in gpt2fast.generate._DECODERS and cache() is None
+
+
 def test_a_decoder_follows_the_models_weights_when_they_are_replaced():
     """model.to(dtype) gives new weight tensors: a decoder (and graph) made for the old ones is not reused."""
     model = tiny(seed=2)
