@@ -54,12 +54,8 @@ class Decoder:
 
     def __init__(self, model: GPT2, batch: int, capacity: int, *, temperature: float, top_k: int | None,
                  top_p: float | None, eos_token_id: int | None, seeded: bool, mode: str):
-        if mode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {DECODE_MODES}, got {mode!r}")
         device = model.device
-        if mode == "graph" and device.type != "cuda":
-            raise ValueError(f"decode='graph' needs a CUDA device, the model is on {device}")
-        self.mode = ("graph" if device.type == "cuda" else "eager") if mode == "auto" else mode
+        self.mode = _resolved_mode(mode, device)
         # A weak reference: the model keeps its decoder (see decoder_for), and the decoder must not keep the model.
         self._model = weakref.ref(model)
         self.temperature, self.top_k, self.top_p, self.eos = temperature, top_k, top_p, eos_token_id
@@ -176,6 +172,15 @@ class Decoder:
         event.record()
         return lambda: event.synchronize() or bool(host)
 
+def _resolved_mode(mode: str, device: torch.device) -> str:
+    """The decode mode to run on device: "auto" is graph on CUDA, eager elsewhere."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {mode!r}")
+    if mode == "graph" and device.type != "cuda":
+        raise ValueError(f"decode='graph' needs a CUDA device, the model is on {device}")
+    return ("graph" if device.type == "cuda" else "eager") if mode == "auto" else mode
+
+
 def _decoder_key(model, batch, capacity, temperature, top_k, top_p, eos, seeded, mode) -> tuple:
     """What a reusable decoder must match: its settings, the backends its ops ran on, and the very weight
     tensors (a CUDA graph holds their addresses; model.to() or reloading replaces them)."""
@@ -191,12 +196,11 @@ _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def decoder_for(model: GPT2, batch: int, capacity: int, *, temperature: float, top_k: int | None,
                 top_p: float | None, eos_token_id: int | None, seeded: bool, mode: str) -> Decoder:
     """The model's last decoder if it matches, else a new one (which replaces it: one set of buffers per model)."""
-    if mode == "auto":
-        mode = "graph" if model.device.type == "cuda" else "eager"
+    mode = _resolved_mode(mode, model.device)
     key = _decoder_key(model, batch, capacity, temperature, top_k, top_p, eos_token_id, seeded, mode)
     decoder = _DECODERS.get(model)
     if decoder is None or decoder.key != key:
-        _DECODERS.pop(model, None)  # free the old buffers (and graph) before allocating new ones
+        release_decoder(model)  # free the old buffers (and graph) before allocating new ones
         decoder = Decoder(model, batch, capacity, temperature=temperature, top_k=top_k, top_p=top_p,
                           eos_token_id=eos_token_id, seeded=seeded, mode=mode)
         decoder.key = key  # as things were when it was made: the model may change under it
