@@ -1,7 +1,14 @@
 """Install gpt2fast.
 
-The Triton kernels live in the top-level `kernels/` folder of the source tree and are installed as
-`gpt2fast.kernels`, so that no top-level `kernels` package can collide with another project's.
+The Triton kernels live in the top-level `kernels/` folder of the source tree and are imported only as
+`gpt2fast.kernels`: `gpt2fast/kernels` is a symbolic link to `../kernels`, and the folder has no
+`__init__.py`, so `gpt2fast.kernels` is a namespace subpackage of `gpt2fast` (the wheel and the sdist
+hold the files themselves under `gpt2fast/kernels/`; an editable install reads them through the link,
+new files included). A top-level `kernels` package is another distribution's (Hugging Face's `kernels`,
+which transformers depends on): with no `__init__.py`, our folder is at most a namespace portion when
+Python starts in the repository root, and an installed regular package of that name always wins over
+it. Nothing may import the folder as `kernels`. (Mapping the folder with `package_dir` instead would need
+an `__init__.py` there for editable installs, and that package would shadow theirs from the root.)
 
 The C++/CUDA kernels in `csrc/` build into the extension module `gpt2fast._C` when torch is importable
 at build time (install with `--no-build-isolation`, so that the build sees the torch you installed):
@@ -13,7 +20,7 @@ import os
 
 from setuptools import find_packages, setup
 
-packages = [p for p in find_packages(include=["gpt2fast", "gpt2fast.*"])] + ["gpt2fast.kernels"]
+packages = find_packages(include=["gpt2fast", "gpt2fast.*"]) + ["gpt2fast.kernels"]
 TRITON = "triton>=3.6; platform_system == 'Linux'"
 CUDA_ARCHS = ("80", "90")  # A100 and H100
 
@@ -50,7 +57,6 @@ setup(
     description="A fast, clean GPT-2 for PyTorch: reference ops, Triton and CUDA kernels behind one dispatch point",
     python_requires=">=3.11",
     packages=packages,
-    package_dir={"gpt2fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

@@ -35,7 +35,7 @@ from .checkpoint import TANH_GELUS
 
 log = logging.getLogger("gpt2fast")
 
-# Tested with transformers 5.17 and 5.24; within the range, GPT2Attention's signature is checked as well.
+# Tested with transformers 5.17, 5.24 and 5.25; within the range, GPT2Attention's signature is checked as well.
 MIN_TRANSFORMERS, BELOW_TRANSFORMERS = "5.17", "6"
 _ATTENTION_ARGS = ("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
                    "output_attentions")
