@@ -32,6 +32,7 @@ TOLERANCES = {
     torch.float32: (1e-5, 1e-5),
     torch.bfloat16: (1.6e-2, 1e-2),
     torch.float16: (2e-3, 1e-3),
+    torch.float64: (1e-10, 1e-10),
 }
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -59,10 +59,9 @@ def test_causal_attention_refusals_get_the_reference_and_one_log_line(
     monkeypatch.setattr(impl, "fn", lambda *a: pytest.fail("the kernel ran on an input it refuses"))
     q, k, v = qkv((2, 2, 9, changes.get("D", 64)), changes.get("dtype", torch.float32), changes.get("device", DEVICE),
                   requires_grad=changes.get("requires_grad", False))
-    reference = ops.backends()["torch"].impls["causal_attention"].fn
     with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("cuda"):
         for _ in range(2):
-            assert torch.equal(ops.causal_attention(q, k, v), reference(q, k, v))
+            assert_close(ops.causal_attention(q, k, v).detach(), naive_causal_attention(q, k, v))
     records = fallback_records(caplog)
     assert len(records) == 1 and "causal_attention" in records[0] and reason in records[0], records
 
@@ -86,10 +85,9 @@ def test_decode_attention_refusals_get_the_reference_and_one_log_line(
     q, k, v, lengths = decode_case(2, 1, 20, changes.get("D", 32), [Tq, 20], Tq, changes.get("dtype", torch.float32),
                                    changes.get("device", DEVICE))
     q.requires_grad_(changes.get("requires_grad", False))
-    reference = ops.backends()["torch"].impls["decode_attention"].fn
     with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("cuda"):
         for _ in range(2):
-            assert torch.equal(ops.decode_attention(q, k, v, lengths), reference(q, k, v, lengths))
+            assert_close(ops.decode_attention(q, k, v, lengths).detach(), naive_decode_attention(q, k, v, lengths))
     records = fallback_records(caplog)
     assert len(records) == 1 and "decode_attention" in records[0] and reason in records[0], records
 

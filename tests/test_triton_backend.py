@@ -105,6 +105,14 @@ def gelu_args(width, dtype=torch.float32, device=DEVICE):
     return randn(4, width, dtype=dtype, device=device, seed=4), randn(width, dtype=dtype, device=device, seed=5)
 
 
+def oracle(op, *args):
+    """fp64 layer_norm (without residual) or bias_gelu of ln_args / gelu_args."""
+    if op == "layer_norm":
+        return naive_layer_norm(*args, 1e-5)
+    x, bias = args
+    return naive_gelu_tanh(x.double() + bias.double())
+
+
 REFUSALS = [
     ("layer_norm", lambda: ln_args(8193), "width 8193 (the kernel takes 1 to 8192)"),
     ("layer_norm", lambda: ln_args(64, torch.float64), "dtype torch.float64"),
@@ -117,10 +125,9 @@ REFUSALS = [
 def test_refused_inputs_get_the_reference_and_one_log_line(op, make_args, reason, fresh_log, monkeypatch, caplog):
     monkeypatch.setattr(tb, f"{op}_op", lambda *a: pytest.fail("the kernel ran on an input it refuses"))
     args = make_args()
-    reference = ops.backends()["torch"].impls[op].fn
     with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("triton"):
         for _ in range(2):
-            assert torch.equal(getattr(ops, op)(*args), reference(*args))
+            assert_close(getattr(ops, op)(*args), oracle(op, *args))
     records = fallback_records(caplog)
     assert len(records) == 1 and op in records[0] and reason in records[0], records
 
@@ -134,7 +141,7 @@ def test_cpu_tensors_are_refused_unless_interpreting(op, fresh_log, monkeypatch,
     args = ln_args(64, device="cpu") if op == "layer_norm" else gelu_args(64, device="cpu")
     with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("triton"):
         for _ in range(2):
-            assert torch.equal(getattr(ops, op)(*args), ops.backends()["torch"].impls[op].fn(*args))
+            assert_close(getattr(ops, op)(*args), oracle(op, *args))
     records = fallback_records(caplog)
     assert len(records) == 1 and "tensors on cpu: Triton runs CUDA tensors" in records[0], records
 
