@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpt2fast import ops
 from helpers import assert_logits_close, build_pair, hf_greedy, random_ids
 
 V = 101
@@ -111,13 +112,20 @@ def test_same_seed_same_tokens_different_seeds_differ(model, params):
     assert ((first >= 0) & (first < V)).all()
 
 
-def test_stream_yields_one_token_per_row_and_equals_generate(model):
+@torch.no_grad()
+def test_stream_yields_the_tokens_drawn_from_the_whole_sequence_recomputed(model):
+    """Each step's tokens [B] are those ops.sample draws, from a generator seeded alike, from the logits of the
+    whole sequence so far recomputed without a cache."""
     ids = random_ids(V, 3, 4, seed=60)
     steps = list(model.stream(ids, 10, seed=5, top_p=0.95))
     assert len(steps) == 10
+    generator, seq = torch.Generator().manual_seed(5), ids
     for token in steps:
         assert token.shape == (3,) and token.dtype == torch.long
-    assert torch.equal(torch.cat([ids, torch.stack(steps, dim=1)], dim=1), model.generate(ids, 10, seed=5, top_p=0.95))
+        expected = ops.sample(model(seq)[:, -1], 1.0, None, 0.95, generator)
+        assert torch.equal(token, expected)
+        seq = torch.cat([seq, expected[:, None]], dim=1)
+    assert len(set(seq[:, 4:].flatten().tolist())) > 1  # draws, not one token repeated
 
 
 def test_greedy_by_do_sample_false_and_by_temperature_0_equal_hf(pair):
