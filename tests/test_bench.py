@@ -1,7 +1,7 @@
 """`python -m gpt2fast bench`: a --quick CPU pass writes a well-formed record, tables and plots; a backend
 registered in the ops registry is measured with no change to the suites. Nothing here asserts a timing."""
 import json
-import os
+import re
 
 import pytest
 import torch
@@ -9,7 +9,9 @@ import torch
 from gpt2fast.bench import e2e, hf_patch, report
 from gpt2fast.bench.runner import measure_case
 from gpt2fast.bench.suite import SUITES, Setting, prepare
+from gpt2fast import GPT2
 from gpt2fast.cli import main
+from gpt2fast.config import GPT2Config
 from gpt2fast.ops import reference, registry
 
 OP_FIELDS = {"op", "case", "shape", "impl", "kind", "median_s", "p20_s", "p80_s", "reps", "work", "work_unit",
@@ -34,11 +36,57 @@ def bench(tmp_path_factory):
     return out, record_path, json.loads(record_path.read_text())
 
 
+def markdown_tables(text: str) -> dict[str, list[dict[str, str]]]:
+    """The tables of a report, by the heading above each ("layer_norm", "End to end"): rows {column: cell}."""
+    tables, heading, lines = {}, None, text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("#### "):
+            heading = line.removeprefix("#### ").split(" (")[0]
+        elif line.startswith("|") and i + 1 < len(lines) and re.fullmatch(r"\|( -+:? \|)+", lines[i + 1]):
+            header = _cells(line)
+            body = [_cells(x) for x in lines[i + 2:]]
+            rows = body[:next((k for k, cells in enumerate(body) if cells is None), len(body))]
+            tables[heading] = [dict(zip(header, cells)) for cells in rows]
+    return tables
+
+
+def _cells(line: str) -> list[str] | None:
+    return [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+
+
+def seconds(cell: str) -> float:
+    value, unit = cell.split()
+    return float(value) * {"µs": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+
+
+def assert_report_holds(text: str, record: dict) -> None:
+    """The report's tables give every row of the record, with its numbers, to their printed precision."""
+    tables = markdown_tables(text)
+    assert set(tables) == set(SUITES) | {"End to end"}
+    for op in SUITES:
+        rows = [r for r in record["ops"] if r["op"] == op]
+        printed = {(c["case"], c["implementation"]): c for c in tables[op]}
+        assert len(printed) == len(tables[op]) == len(rows)
+        for r in rows:
+            cells = printed[r["case"], r["impl"]]
+            assert seconds(cells["time"]) == pytest.approx(r["median_s"], rel=6e-3, abs=6e-8)
+            assert float(cells[r["unit"]]) == pytest.approx(r["achieved"], rel=6e-3)
+            assert float(cells["vs torch"].rstrip("x")) == pytest.approx(r["speedup_over_reference"], abs=6e-3)
+    printed = {(c["phase"], c["implementation"]): c for c in tables["End to end"]}
+    assert len(printed) == len(record["end_to_end"])
+    for r in record["end_to_end"]:
+        cells = printed[r["phase"], r["impl"]]
+        assert seconds(cells["time"]) == pytest.approx(r["median_s"], rel=6e-3, abs=6e-8)
+        assert float(cells["tokens/s"].replace(",", "")) == pytest.approx(r["tokens_per_s"], rel=1e-3, abs=0.06)
+    for r in record["skipped"]:
+        assert r["reason"] in text
+
+
 def test_files_are_written_one_plot_per_op(bench):
     out, record_path, record = bench
     stem = record_path.stem
     assert stem.startswith("bench-cpu-")
-    assert (out / f"{stem}.md").read_text().strip() == report.markdown(record)
+    assert_report_holds((out / f"{stem}.md").read_text(), record)
     for op in SUITES:
         assert (out / f"{stem}-{op}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -80,55 +128,79 @@ def test_every_backend_chosen_is_measured_or_skipped_with_a_reason(bench):
 
 
 def test_end_to_end_rows(bench):
+    """A row for every phase and implementation run on the CPU, whatever the machine's load: nothing is derived
+    from a difference of two timings, and whatever fails is recorded as skipped with its error (shown here)."""
     rows = bench[2]["end_to_end"]
     ours = {(phase, "gpt2fast") for phase in ("prefill", "time to first token", "first token", "decode", "decode top-p",
                                               "train step")}
     peer = {(phase, "transformers") for phase, _ in ours}
     patched = {(phase, hf_patch.PATCHED) for phase in ("prefill", "first token", "decode", "train step")}
-    assert {(r["phase"], r["impl"]) for r in rows} == ours | peer | patched
+    skipped = [r for r in bench[2]["skipped"] if r["op"] == "end to end"]
+    assert {(r["phase"], r["impl"]) for r in rows} == ours | peer | patched, skipped
+    assert {(r["case"], r["impl"]) for r in skipped} == {
+        *((f"char {phase} batch 1", e2e.COMPILED_PEER)
+          for phase in ("time to first token", "first token", "decode", "decode top-p")),
+        *((f"char {phase} batch 1", impl) for phase in ("decode", "decode top-p")
+          for impl in (e2e.OURS_EAGER, e2e.OURS_COMPILED))}, skipped
+    z = e2e.sizes(Setting("cpu", torch.float32, quick=True), GPT2Config.from_preset("char"))
+    tokens = {"prefill": z.prefill_batch * z.prompt, "time to first token": z.ttft_prompt, "first token": z.prompt,
+              "decode": z.new_tokens - 1, "decode top-p": z.new_tokens - 1, "train step": z.train_batch * z.train_len}
     for r in rows:
         assert r.keys() == E2E_FIELDS
+        assert r["tokens"] == tokens[r["phase"]] and r["median_s"] > 0, r
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["median_s"])
         assert r["fraction_of_bound"] == pytest.approx(r["tokens_per_s"] / r["bound_tokens_per_s"])
         peer = next(x for x in rows if (x["phase"], x["batch"], x["impl"]) == (r["phase"], r["batch"], "transformers"))
         assert r["speedup_over_transformers"] == pytest.approx(peer["median_s"] / r["median_s"])
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic cache", "static cache"])
+def test_timed_decode_calls_make_the_tokens_after_the_first(static):
+    """Each side's decode call, after its untimed set-up, makes the n - 1 greedy tokens that follow the first,
+    as one whole generate of n tokens does; a reused static cache starts afresh every call."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    hf = e2e._hf_model(config).eval()
+    x, n = torch.randint(0, 101, (2, 5)), 6
+    expected = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+    peer = e2e.hf_decode(hf, x, n, static=static, do_sample=False)
+    for _ in range(2):
+        assert torch.equal(peer.run(peer.prepare()), expected)
+    tokens = e2e.ours_decode(GPT2.from_hf(hf), x, n, do_sample=False).prepare()
+    assert torch.equal(torch.stack(list(tokens), dim=1), expected[:, 6:])
+
+
 def test_compiled_static_cache_peer_is_listed_as_not_run_on_the_cpu(bench):
     skipped = {r["case"]: r["reason"] for r in bench[2]["skipped"] if r["impl"] == e2e.COMPILED_PEER}
-    assert set(skipped) == {"char time to first token batch 1", "char first token batch 1", "char generate batch 1",
-                            "char generate top-p batch 1"}
+    assert set(skipped) == {"char time to first token batch 1", "char first token batch 1", "char decode batch 1",
+                            "char decode top-p batch 1"}
     assert all("on GPUs only" in reason for reason in skipped.values())
 
 
 def test_gpt2fast_decode_variants_not_run_on_a_quick_cpu_run_say_why(bench):
     skipped = {(r["case"], r["impl"]): r["reason"] for r in bench[2]["skipped"]}
-    for phase in ("first token", "generate", "generate top-p"):
+    for phase in ("decode", "decode top-p"):
         assert "the gpt2fast row" in skipped[f"char {phase} batch 1", e2e.OURS_EAGER]
         assert "--quick" in skipped[f"char {phase} batch 1", e2e.OURS_COMPILED]
-
-
-def test_markdown_has_a_table_per_op_and_a_line_per_row(bench):
-    text = report.markdown(bench[2])
-    for op in SUITES:
-        assert f"#### {op} (" in text
-    lines = text.splitlines()
-    for r in bench[2]["ops"]:
-        assert any(line.startswith(f"| {r['case']} | {r['impl']} |") for line in lines)
-    assert "#### End to end" in text and "Not measured:" in text
 
 
 def test_report_prints_and_updates_the_readme_table(bench, tmp_path, capsys):
     out, record_path, record = bench
     main(["bench", "--report", str(out)])  # a folder: its newest record
-    assert capsys.readouterr().out.strip() == report.markdown(record)
-    readme = tmp_path / "README.md"
+    assert_report_holds(capsys.readouterr().out, record)
+    readme = tmp_path / "docs" / "README.md"  # in another folder than the record: plot links are relative
+    readme.parent.mkdir()
     readme.write_text(f"intro\n{report.TABLE_START}\nold table\n{report.TABLE_END}\nafter\n")
     main(["bench", "--report", str(record_path), "--update", str(readme)])
-    plots = "\n".join(f"![{op}]({os.path.relpath(out / f'{record_path.stem}-{op}.png', tmp_path)})"
-                      for op in sorted(SUITES))
-    section = f"{report.markdown(record)}\n\nPlots:\n\n{plots}"
-    assert readme.read_text() == f"intro\n{report.TABLE_START}\n{section}\n{report.TABLE_END}\nafter\n"
+    head, rest = readme.read_text().split(f"{report.TABLE_START}\n")
+    section, tail = rest.split(f"\n{report.TABLE_END}")
+    assert (head, tail) == ("intro\n", "\nafter\n") and "old table" not in section
+    assert_report_holds(section, record)
+    links = dict(re.findall(r"!\[([^]]+)\]\(([^)]+)\)", section))
+    assert links.keys() == set(SUITES)
+    for op, link in links.items():
+        assert (readme.parent / link).resolve() == (out / f"{record_path.stem}-{op}.png").resolve()
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="no table markers"):
         main(["bench", "--report", str(record_path), "--update", str(readme)])

@@ -6,10 +6,15 @@ per implementation (set-up is never timed, and only one implementation's trainin
 time). `rows` turns their timings into tokens/s against a bound: decode against the copy bandwidth
 (every weight is read once per step), prefill and training against the matmul peak (2 and 6 flops per
 parameter per token; for training the fraction is the MFU).
+
+Decode is timed by itself: before every timed call, untimed, the prompt is prefilled and its first token
+drawn; the call makes the other n - 1 tokens of every sequence (gpt2fast: the rest of `stream`;
+transformers: `generate` continuing from the prefilled KV cache, its per-call set-up included).
 """
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,13 +25,13 @@ from ..config import GPT2Config
 from ..model import GPT2
 from ..train import loss_fn
 from .suite import Setting, dtype_name
-from .timing import Timing
+from .timing import Prepared, Timing
 
 OURS, PEER = "gpt2fast", "transformers"
 # gpt2fast's other ways to run its decode steps (generate's `decode`), beside OURS, its default: CUDA graphs
 # on CUDA, plain calls on the CPU.
 OURS_EAGER, OURS_COMPILED = "gpt2fast eager", "gpt2fast torch.compile"
-TOP_P = 0.9  # the sampled generate phase: top-p, as transformers' TopPLogitsWarper
+TOP_P = 0.9  # the sampled decode phase: top-p, as transformers' TopPLogitsWarper
 # transformers' fast decoding: generate with a static KV cache, whose decode step generate itself
 # compiles with torch.compile (fullgraph), on GPUs only.
 COMPILED_PEER = "transformers static cache + torch.compile"
@@ -34,8 +39,8 @@ COMPILED_PEER = "transformers static cache + torch.compile"
 
 @dataclass(frozen=True)
 class Sizes:
-    prompt: int  # prompt tokens per sequence (prefill, first token, generate)
-    new_tokens: int  # tokens generated per sequence in the generate phase
+    prompt: int  # prompt tokens per sequence (prefill, first token, decode)
+    new_tokens: int  # tokens generated per sequence in the decode phases, the first one included (untimed)
     decode_batches: tuple[int, ...]
     ttft_prompt: int  # the prompt of the time-to-first-token phase, batch 1
     prefill_batch: int
@@ -66,11 +71,11 @@ def sizes(s: Setting, config: GPT2Config) -> Sizes:
 
 @dataclass(frozen=True)
 class Phase:
-    name: str  # "prefill", "first token", "time to first token", "generate", "generate top-p" or "train step"
+    name: str  # "prefill", "first token", "time to first token", "decode", "decode top-p" or "train step"
     batch: int
-    tokens: int  # per call: prompt tokens read (prefill, first token), tokens made (generate), tokens trained
+    tokens: int  # per call: prompt tokens read (prefill, first token), tokens made (decode), tokens trained
     # implementation -> factory of the call to time, or the reason it is not run in this setting
-    runs: dict[str, Callable[[], Callable[[], object]] | str]
+    runs: dict[str, Callable[[], Callable[[], object] | Prepared] | str]
 
 
 def phases(preset: str, s: Setting) -> list[Phase]:
@@ -86,26 +91,30 @@ def phases(preset: str, s: Setting) -> list[Phase]:
         return {OURS: lambda: _inference(functools.partial(models()[OURS], x)),
                 PEER: lambda: _inference(functools.partial(models()[PEER], input_ids=x, use_cache=False))}
 
-    def generate(batch, n, prompt=z.prompt, top_p=None):
-        x = ids(batch, prompt)
-        sampling = dict(do_sample=False) if top_p is None else dict(top_p=top_p, seed=0)
-        # min_new_tokens: random weights may draw the end-of-text token; both sides make n tokens. top_k=0:
-        # transformers would otherwise add its default top-k of 50.
-        hf_sampling = dict(do_sample=False) if top_p is None else dict(do_sample=True, top_p=top_p, top_k=0)
-        hf_kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
-                     **hf_sampling)
-        compiled = (lambda: _inference(functools.partial(models()[PEER].generate, x, cache_implementation="static",
-                                                         **hf_kw))) if s.device == "cuda" else (
-            "transformers compiles its static-cache decode step on GPUs only")
+    compiled_peer = None if s.device == "cuda" else "transformers compiles its static-cache decode step on GPUs only"
 
-        def ours(decode):
-            return lambda: functools.partial(models()[OURS].generate, x, n, decode=decode, **sampling)
+    def first_token(batch, prompt=z.prompt):
+        x = ids(batch, prompt)
+        hf_kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False, pad_token_id=0)
+        return {OURS: lambda: functools.partial(models()[OURS].generate, x, 1, do_sample=False),
+                PEER: lambda: _inference(functools.partial(models()[PEER].generate, x, **hf_kw)),
+                COMPILED_PEER: compiled_peer or (lambda: _inference(functools.partial(
+                    models()[PEER].generate, x, cache_implementation="static", **hf_kw)))}
+
+    def decode(batch, n, top_p=None):
+        x = ids(batch, z.prompt)
+        sampling = dict(do_sample=False) if top_p is None else dict(top_p=top_p, seed=0)
+        # top_k=0: transformers would otherwise add its default top-k of 50.
+        hf_sampling = dict(do_sample=False) if top_p is None else dict(do_sample=True, top_p=top_p, top_k=0)
+
+        def ours(mode):
+            return lambda: ours_decode(models()[OURS], x, n, decode=mode, **sampling)
         cpu_same = "on the CPU gpt2fast's default decode is eager: the gpt2fast row"
         no_compile = "not run with --quick on the CPU: compiling takes longer than the whole run"
         return {OURS: ours("auto"), OURS_EAGER: ours("eager") if s.device == "cuda" else cpu_same,
                 OURS_COMPILED: no_compile if s.quick and s.device == "cpu" else ours("compile"),
-                PEER: lambda: _inference(functools.partial(models()[PEER].generate, x, **hf_kw)),
-                COMPILED_PEER: compiled}
+                PEER: lambda: hf_decode(models()[PEER], x, n, **hf_sampling),
+                COMPILED_PEER: compiled_peer or (lambda: hf_decode(models()[PEER], x, n, static=True, **hf_sampling))}
 
     def train_step(batch):
         x, y = ids(batch, z.train_len), ids(batch, z.train_len)
@@ -119,14 +128,55 @@ def phases(preset: str, s: Setting) -> list[Phase]:
             return _train_step(_training_model(_hf_model, config, s), lambda m: m(input_ids=x, labels=y).loss)
         return {OURS: ours, PEER: peer}
 
+    # The first token is the prompt's prefill and one draw: gpt2fast's decode modes do not touch it.
     out = [Phase("prefill", z.prefill_batch, z.prefill_batch * z.prompt, forward(z.prefill_batch)),
-           Phase("time to first token", 1, z.ttft_prompt,  # the prompt's prefill and one draw: no decode mode
-                 {k: v for k, v in generate(1, 1, prompt=z.ttft_prompt).items() if k not in (OURS_EAGER, OURS_COMPILED)})]
+           Phase("time to first token", 1, z.ttft_prompt, first_token(1, prompt=z.ttft_prompt))]
     for b in z.decode_batches:
-        out += [Phase("first token", b, b * z.prompt, generate(b, 1)),
-                Phase("generate", b, b * z.new_tokens, generate(b, z.new_tokens)),
-                Phase("generate top-p", b, b * z.new_tokens, generate(b, z.new_tokens, top_p=TOP_P))]
+        decoded = b * (z.new_tokens - 1)
+        out += [Phase("first token", b, b * z.prompt, first_token(b)),
+                Phase("decode", b, decoded, decode(b, z.new_tokens)),
+                Phase("decode top-p", b, decoded, decode(b, z.new_tokens, top_p=TOP_P))]
     return out + [Phase("train step", z.train_batch, z.train_batch * z.train_len, train_step(z.train_batch))]
+
+
+def ours_decode(model: GPT2, x: torch.Tensor, n: int, **kwargs) -> Prepared:
+    """gpt2fast's decode of n - 1 tokens per sequence: `stream` started (prefill, first token) untimed, then
+    drained."""
+    def prepare():
+        tokens = model.stream(x, n, **kwargs)
+        next(tokens)
+        return tokens
+
+    return Prepared(prepare, lambda tokens: sum(1 for _ in tokens))
+
+
+def hf_decode(model, x: torch.Tensor, n: int, static: bool = False, **sampling) -> Prepared:
+    """transformers' decode of n - 1 tokens per sequence: the prompt prefilled into a KV cache and its greedy
+    first token taken, untimed, then `generate` continuing from that cache. static: one StaticCache, reset
+    and refilled before every call (its tensors stay put, as a compiled, graph-captured step needs), and
+    generate compiles its decode step on GPUs."""
+    import transformers
+
+    static_cache = transformers.StaticCache(config=model.config, max_cache_len=x.shape[1] + n) if static else None
+    # transformers 5.24 renamed the argument past_key_values to cache (older releases take only the old name).
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @torch.inference_mode()
+    def prepare():
+        if static_cache is not None:
+            static_cache.reset()
+        cache = static_cache if static_cache is not None else transformers.DynamicCache(config=model.config)
+        logits = model(input_ids=x, use_cache=True, **{cache_arg: cache}).logits
+        return torch.cat([x, logits[:, -1:].argmax(-1)], dim=1), cache
+
+    @torch.inference_mode()
+    def run(state):
+        ids, cache = state
+        # min_new_tokens: random weights may draw the end-of-text token; every call makes n - 1 tokens.
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n - 1, min_new_tokens=n - 1,
+                              pad_token_id=0, **{cache_arg: cache}, **sampling)
+
+    return Prepared(prepare, run)
 
 
 def _hf_model(config: GPT2Config):
@@ -175,42 +225,26 @@ def weight_bytes(config: GPT2Config, dtype: torch.dtype) -> int:
     return (config.num_params() - config.n_positions * config.n_embd) * dtype.itemsize
 
 
-def rows(preset: str, s: Setting, measured: list[tuple[Phase, str, Timing]],
-         ceilings: dict) -> tuple[list[dict], list[dict]]:
-    """End-to-end rows from (phase, implementation, timing) triples, and the rows that could not be made.
-
-    Decode is what a generate call spends past its first token: time(generate n) - time(first token), for
-    n - 1 tokens per sequence (its spread is generate's, shifted by the first token's median); "generate
-    top-p" gives "decode top-p" the same way, from the greedy first token (one draw more is noise there).
-    """
+def rows(preset: str, s: Setting, measured: list[tuple[Phase, str, Timing]], ceilings: dict) -> list[dict]:
+    """End-to-end rows from (phase, implementation, timing) triples, one each."""
     config = GPT2Config.from_preset(preset)
     params = config.num_params()
     peak = ceilings["matmul_tflops"][dtype_name(s.dtype)] * 1e12
     steps_per_s = ceilings["copy_gbps"] * 1e9 / weight_bytes(config, s.dtype)  # decode steps the bandwidth allows
     flops_per_token = {"prefill": 2 * params, "first token": 2 * params, "time to first token": 2 * params,
                        "train step": 6 * params}
-    first = {(p.batch, impl): t for p, impl, t in measured if p.name == "first token"}
-    out, skipped = [], []
+    out = []
     for phase, impl, t in measured:
-        name, tokens = phase.name, phase.tokens
-        if name.startswith("generate"):
-            if (phase.batch, impl) not in first:
-                continue
-            name = name.replace("generate", "decode")
-            tokens, t = tokens - phase.batch, t.shifted(first[phase.batch, impl].median_s)
+        if phase.name.startswith("decode"):
             bound, bound_by = phase.batch * steps_per_s, "copy bandwidth"
-            if t.median_s <= 0:
-                skipped.append(dict(op="end to end", case=f"{preset} {name} batch {phase.batch}", impl=impl,
-                                    reason="generate took no longer than its first token: too noisy to time decode"))
-                continue
         else:
-            bound, bound_by = peak / flops_per_token[name], "matmul peak"
-        out.append(dict(model=preset, params=params, phase=name, impl=impl, batch=phase.batch, tokens=tokens,
-                        median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, reps=t.reps,
-                        tokens_per_s=tokens / t.median_s, bound_tokens_per_s=bound, bound_by=bound_by,
-                        fraction_of_bound=tokens / t.median_s / bound))
+            bound, bound_by = peak / flops_per_token[phase.name], "matmul peak"
+        out.append(dict(model=preset, params=params, phase=phase.name, impl=impl, batch=phase.batch,
+                        tokens=phase.tokens, median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, reps=t.reps,
+                        tokens_per_s=phase.tokens / t.median_s, bound_tokens_per_s=bound, bound_by=bound_by,
+                        fraction_of_bound=phase.tokens / t.median_s / bound))
     peers = {(r["phase"], r["batch"]): r["median_s"] for r in out if r["impl"] == PEER}
     for r in out:
         peer = peers.get((r["phase"], r["batch"]))
         r["speedup_over_transformers"] = peer / r["median_s"] if peer else None
-    return out, skipped
+    return out

@@ -1,6 +1,6 @@
 """transformers' GPT2LMHeadModel patched in place by `gpt2fast.patch_hf`, beside the unpatched one.
 
-Each end-to-end phase (forward, generate, training step) gains one implementation, run in the same
+Each end-to-end phase (prefill, first token, greedy decode, training step) gains one implementation, run in the same
 phase on inputs of the same shapes and on a model with the same random weights, so that its row sits
 next to transformers' and its "vs transformers" ratio is what the patch gains.
 """
@@ -32,12 +32,14 @@ def with_patched_hf(phases: list[e2e.Phase], preset: str, s: Setting) -> list[e2
         x = ids(batch, z.prompt)
         return lambda: e2e._inference(functools.partial(model(), input_ids=x, use_cache=False))
 
-    def generate(batch, n):
+    def first_token(batch):
         x = ids(batch, z.prompt)
-        # As for transformers unpatched: min_new_tokens so that a drawn end-of-text token stops nothing.
-        kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                  pad_token_id=0)
+        kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False, pad_token_id=0)
         return lambda: e2e._inference(functools.partial(model().generate, x, **kw))
+
+    def decode(batch):
+        x = ids(batch, z.prompt)
+        return lambda: e2e.hf_decode(model(), x, z.new_tokens, do_sample=False)
 
     def train_step(batch):
         x, y = ids(batch, z.train_len), ids(batch, z.train_len)
@@ -48,8 +50,8 @@ def with_patched_hf(phases: list[e2e.Phase], preset: str, s: Setting) -> list[e2
                                    lambda m: m(input_ids=x, labels=y).loss)
         return make
 
-    runs = {"prefill": lambda p: forward(p.batch), "first token": lambda p: generate(p.batch, 1),
-            "generate": lambda p: generate(p.batch, p.tokens // p.batch), "train step": lambda p: train_step(p.batch)}
+    runs = {"prefill": lambda p: forward(p.batch), "first token": lambda p: first_token(p.batch),
+            "decode": lambda p: decode(p.batch), "train step": lambda p: train_step(p.batch)}
     return [dataclasses.replace(p, runs={**p.runs, PATCHED: runs[p.name](p)}) if p.name in runs else p
             for p in phases]
 

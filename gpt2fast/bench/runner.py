@@ -129,8 +129,7 @@ def measure_model(model: str, phases: list[e2e.Phase], s: Setting, limits: dict,
                 skipped.append(dict(op="end to end", case=f"{model} {phase.name} batch {phase.batch}", impl=impl,
                                     reason=reason))
         bar.update()
-    rows, unmade = e2e.rows(model, s, measured, limits)
-    return rows, skipped + unmade
+    return e2e.rows(model, s, measured, limits), skipped
 
 
 def device_info(device: str) -> dict:

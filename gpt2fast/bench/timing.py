@@ -4,7 +4,8 @@ Kernels (`time_kernel`): on CUDA, `triton.testing.do_bench` when triton imports,
 around each call; either way a 256 MB buffer is written between calls so that no call finds its
 inputs in L2 left there by the one before. On the CPU, `time.perf_counter` around each call.
 Whole-model calls (`time_wall`): the wall clock around each call, the device synchronised, since
-host work (sampling, Python, syncs) is part of what a user waits for.
+host work (sampling, Python, syncs) is part of what a user waits for. A `Prepared` call has set-up that
+must run before every call and is not timed (the prefill before the decode steps).
 """
 from __future__ import annotations
 
@@ -26,8 +27,12 @@ class Timing:
     p80_s: float
     reps: int | None  # None where do_bench chose the count itself
 
-    def shifted(self, seconds: float) -> "Timing":
-        return Timing(self.median_s - seconds, self.p20_s - seconds, self.p80_s - seconds, self.reps)
+
+@dataclass(frozen=True)
+class Prepared:
+    """A call whose set-up runs before every timed call, untimed: `run(prepare())`."""
+    prepare: Callable[[], object]
+    run: Callable[[object], object]
 
 
 def method(device: str) -> str:
@@ -53,16 +58,24 @@ def time_kernel(fn: Callable[[], object], device: str, budget_s: float) -> Timin
     return Timing(*(t / 1e3 for t in ms), reps=None)
 
 
-def time_wall(fn: Callable[[], object], device: str, budget_s: float, min_reps: int = 3) -> Timing:
-    """Wall-clock time per call, at least min_reps calls, about budget_s in all after warm-up."""
+def time_wall(fn: Callable[[], object] | Prepared, device: str, budget_s: float, min_reps: int = 3) -> Timing:
+    """Wall-clock time per call, at least min_reps calls, about budget_s of timed calls after warm-up."""
     last = _warm_up(fn, device, budget_s / 4)
-    times = []
-    for _ in range(_reps(budget_s, last, min_reps)):
+    return summary([_wall(fn, device) for _ in range(_reps(budget_s, last, min_reps))])
+
+
+def _wall(fn: Callable[[], object] | Prepared, device: str) -> float:
+    """Seconds of one call, the device synchronised before and after; a Prepared call's set-up untimed."""
+    if isinstance(fn, Prepared):
+        state = fn.prepare()
+        sync(device)
+        start = time.perf_counter()
+        fn.run(state)
+    else:
         start = time.perf_counter()
         fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return summary(times)
+    sync(device)
+    return time.perf_counter() - start
 
 
 def summary(times: list[float]) -> Timing:
@@ -75,10 +88,7 @@ def _warm_up(fn, device: str, budget_s: float) -> float:
     returns the last call's time, the estimate of a steady call."""
     spent, calls = 0.0, 0
     while calls < 2 or spent < budget_s:
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        last = time.perf_counter() - start
+        last = _wall(fn, device)
         spent, calls = spent + last, calls + 1
     return last
 
