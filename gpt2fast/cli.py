@@ -225,11 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("bench", help="time every op and the whole model against PyTorch, transformers and the "
                                      "device's measured limits; write JSON, markdown and plots")
-    m.add_argument("--ops", default=None, help="comma-separated ops (default: all): layer_norm,causal_attention,...")
+    m.add_argument("--ops", default=None, help="comma-separated ops, or none (default: all): "
+                                               "layer_norm,causal_attention,...")
     m.add_argument("--backends", default=None, help="comma-separated op backends to measure (default: all; the "
                                                     "torch reference always)")
     m.add_argument("--models", default=None, help="comma-separated presets for the end-to-end runs, or none "
                                                   "(default: gpt2 on the CPU, gpt2,gpt2-xl on CUDA)")
+    m.add_argument("--decode-batches", default=None, help="comma-separated batch sizes of the first-token and decode "
+                                                         "phases (default: 1, and 16, 64 on CUDA)")
+    m.add_argument("--budget-s", type=float, default=None, help="start nothing after this many seconds; what is left "
+                                                                "is recorded as skipped (the record is written)")
     m.add_argument("--quick", action="store_true", help="fewer, smaller shapes and shorter timing: a smoke run")
     m.add_argument("--out", default=None, help="output folder (default: benchmarks/results in a source checkout, "
                                                "else ./gpt2fast-bench)")

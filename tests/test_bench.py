@@ -206,6 +206,37 @@ def test_report_prints_and_updates_the_readme_table(bench, tmp_path, capsys):
         main(["bench", "--report", str(record_path), "--update", str(readme)])
 
 
+def test_a_spent_budget_skips_the_rest_and_still_writes_the_record(tmp_path):
+    main(["bench", "--quick", "--device", "cpu", "--backends", "torch", "--ops", "layer_norm", "--models", "char",
+          "--decode-batches", "2", "--budget-s", "1e-9", "--out", str(tmp_path)])
+    (record_path,) = tmp_path.glob("bench-*.json")
+    record = json.loads(record_path.read_text())
+    assert record["settings"]["budget_s"] == 1e-9 and record["settings"]["decode_batches"] == [2]
+    assert record["ops"] == [] and record["end_to_end"] == []
+    reasons = {(r["case"], r["impl"]): r["reason"] for r in record["skipped"]}
+    cases = [case.label for case in SUITES["layer_norm"](Setting("cpu", torch.float32, quick=True))]
+    phases = hf_patch.with_patched_hf(e2e.phases("char", Setting("cpu", torch.float32, quick=True), (2,)), "char",
+                                      Setting("cpu", torch.float32, quick=True))
+    expected = {(case, "every implementation") for case in cases} | {
+        (f"char {p.name} batch {p.batch}", impl) for p in phases for impl, run in p.runs.items() if callable(run)}
+    assert expected <= reasons.keys()
+    assert all("--budget-s" in reasons[key] for key in expected)
+    assert {p.batch for p in phases if p.name.startswith("decode")} == {2}
+
+
+def test_no_ops_and_no_models_measure_only_the_ceilings(tmp_path):
+    main(["bench", "--quick", "--device", "cpu", "--ops", "none", "--models", "none", "--out", str(tmp_path)])
+    (record_path,) = tmp_path.glob("bench-*.json")
+    record = json.loads(record_path.read_text())
+    assert record["ops"] == record["end_to_end"] == [] and record["ceilings"]["copy_gbps"] > 0
+
+
+@pytest.mark.parametrize("value", ["0", "1,x", ""])
+def test_bad_decode_batches_are_an_error(value):
+    with pytest.raises(SystemExit, match="--decode-batches takes"):
+        main(["bench", "--ops", "none", "--models", "none", "--decode-batches", value])
+
+
 def test_unknown_op_or_model_is_an_error():
     with pytest.raises(SystemExit, match="unknown op nope"):
         main(["bench", "--ops", "layer_norm,nope"])

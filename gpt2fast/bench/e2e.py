@@ -78,7 +78,9 @@ class Phase:
     runs: dict[str, Callable[[], Callable[[], object] | Prepared] | str]
 
 
-def phases(preset: str, s: Setting) -> list[Phase]:
+def phases(preset: str, s: Setting, decode_batches: tuple[int, ...] | None = None) -> list[Phase]:
+    """The phases of one preset; decode_batches replaces the setting's batch sizes of the first-token and
+    decode phases."""
     config = GPT2Config.from_preset(preset)
     z = sizes(s, config)
     models = functools.cache(lambda: _inference_models(config, s))
@@ -131,7 +133,7 @@ def phases(preset: str, s: Setting) -> list[Phase]:
     # The first token is the prompt's prefill and one draw: gpt2fast's decode modes do not touch it.
     out = [Phase("prefill", z.prefill_batch, z.prefill_batch * z.prompt, forward(z.prefill_batch)),
            Phase("time to first token", 1, z.ttft_prompt, first_token(1, prompt=z.ttft_prompt))]
-    for b in z.decode_batches:
+    for b in decode_batches or z.decode_batches:
         decoded = b * (z.new_tokens - 1)
         out += [Phase("first token", b, b * z.prompt, first_token(b)),
                 Phase("decode", b, decoded, decode(b, z.new_tokens)),

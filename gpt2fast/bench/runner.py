@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -36,11 +37,14 @@ def main(args) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
     s = Setting(args.device, getattr(torch, args.dtype) if args.dtype else DEFAULT_DTYPE[args.device], args.quick)
-    ops = _choose(args.ops, list(SUITES), "op")
+    ops = [] if args.ops == "none" else _choose(args.ops, list(SUITES), "op")
     models = [] if args.models == "none" else _choose(args.models, list(PRESETS), "model", DEFAULT_MODELS[s.device])
     # The reference is always measured: every speed-up is over it.
     backends = list(dict.fromkeys([REFERENCE, *_choose(args.backends, list(BACKENDS), "backend")]))
-    record = run(ops, models, s, backends)
+    decode_batches = None if args.decode_batches is None else _batches(args.decode_batches)
+    if args.budget_s is not None and args.budget_s <= 0:
+        raise ValueError(f"--budget-s must be > 0 seconds, got {args.budget_s}")
+    record = run(ops, models, s, backends, decode_batches=decode_batches, budget_s=args.budget_s)
     out = Path(args.out) if args.out else default_out()
     for path in write(record, out):
         print(path)
@@ -50,6 +54,16 @@ def default_out() -> Path:
     """benchmarks/results in a source checkout (run from its root), else ./gpt2fast-bench."""
     results = Path("benchmarks/results")
     return results if results.is_dir() else Path("gpt2fast-bench")
+
+
+def _batches(value: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in value.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--decode-batches takes comma-separated batch sizes >= 1, got {value!r}")
+    return batches
 
 
 def _choose(value: str | None, known: list[str], what: str, default: list[str] | None = None) -> list[str]:
@@ -62,25 +76,35 @@ def _choose(value: str | None, known: list[str], what: str, default: list[str] |
     return chosen
 
 
-def run(ops: list[str], models: list[str], s: Setting, backends=BACKENDS, progress: bool = True) -> dict:
+def run(ops: list[str], models: list[str], s: Setting, backends=BACKENDS, progress: bool = True,
+        decode_batches: tuple[int, ...] | None = None, budget_s: float | None = None) -> dict:
+    """Measure; with budget_s, nothing starts once that many seconds have passed since the start, and what
+    was left is recorded as skipped, so that a run cut short still writes what it measured."""
+    deadline = Deadline(budget_s)
     cases = [case for op in ops for case in SUITES[op](s)]
-    model_phases = {model: hf_patch.with_patched_hf(e2e.phases(model, s), model, s) for model in models}
+    model_phases = {model: hf_patch.with_patched_hf(e2e.phases(model, s, decode_batches), model, s)
+                    for model in models}
     bar = tqdm(total=1 + len(cases) + sum(map(len, model_phases.values())), desc="ceilings", disable=not progress)
     limits = ceilings.measure(s)
     bar.update()
     rows, e2e_rows, skipped = [], [], []
     for case in cases:
         bar.set_description(f"{case.op} {case.label}")
-        case_rows, case_skipped = measure_case(case, s, limits, BUDGET_S[s.size], backends)
-        rows, skipped = rows + case_rows, skipped + case_skipped
+        if deadline.passed():
+            skipped.append(dict(op=case.op, case=case.label, impl="every implementation", reason=deadline.reason()))
+        else:
+            case_rows, case_skipped = measure_case(case, s, limits, BUDGET_S[s.size], backends)
+            rows, skipped = rows + case_rows, skipped + case_skipped
         bar.update()
     for model, phases in model_phases.items():
-        model_rows, model_skipped = measure_model(model, phases, s, limits, bar)
+        model_rows, model_skipped = measure_model(model, phases, s, limits, bar, deadline)
         e2e_rows, skipped = e2e_rows + model_rows, skipped + model_skipped
     bar.close()
     return {"name": "bench", "device": device_info(s.device), "environment": env_info.environment(),
             "settings": {"device": s.device, "dtype": dtype_name(s.dtype), "quick": s.quick, "ops": ops,
-                         "backends": list(backends), "models": models},
+                         "backends": list(backends), "models": models,
+                         **({"decode_batches": list(decode_batches)} if decode_batches else {}),
+                         **({"budget_s": budget_s} if budget_s is not None else {})},
             "timing": {"ops": method(s.device), "end_to_end": "time.perf_counter around each call, device synchronised",
                        "statistics": "median, p20 and p80 of the calls after warm-up"},
             "ceilings": limits, "ops": rows, "end_to_end": e2e_rows, "skipped": skipped}
@@ -112,14 +136,28 @@ def measure_case(case: Case, s: Setting, limits: dict, budget_s: float,
     return rows, [dict(op=case.op, case=case.label, impl=name, reason=reason) for name, reason in refused.items()]
 
 
-def measure_model(model: str, phases: list[e2e.Phase], s: Setting, limits: dict, bar) -> tuple[list[dict], list[dict]]:
+class Deadline:
+    """A run's time budget: `passed()` once budget_s seconds have gone by since it was made (never without one)."""
+
+    def __init__(self, budget_s: float | None):
+        self.budget_s, self.start = budget_s, time.monotonic()
+
+    def passed(self) -> bool:
+        return self.budget_s is not None and time.monotonic() - self.start > self.budget_s
+
+    def reason(self) -> str:
+        return f"not run: the run's budget of {self.budget_s:g} s (--budget-s) was spent"
+
+
+def measure_model(model: str, phases: list[e2e.Phase], s: Setting, limits: dict, bar,
+                  deadline: Deadline = Deadline(None)) -> tuple[list[dict], list[dict]]:
     """Time every phase of one model, gpt2fast and transformers; an implementation not run in this setting,
     or that fails a phase (out of memory at a large batch, say), is recorded as skipped and the run goes on."""
     measured, skipped = [], []
     for phase in phases:
         bar.set_description(f"{model} {phase.name} batch {phase.batch}")
         for impl, make in phase.runs.items():
-            reason = make if isinstance(make, str) else None
+            reason = make if isinstance(make, str) else deadline.reason() if deadline.passed() else None
             if reason is None:
                 try:
                     measured.append((phase, impl, time_wall(make(), s.device, E2E_BUDGET_S[s.size])))
