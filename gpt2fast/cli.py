@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "torch reference always)")
     m.add_argument("--models", default=None, help="comma-separated presets for the end-to-end runs, or none "
                                                   "(default: gpt2 on the CPU, gpt2,gpt2-xl on CUDA)")
+    m.add_argument("--phases", default=None, help="comma-separated end-to-end phases (default: all): prefill,"
+                                                  "time to first token,first token,decode,decode top-p,train step")
     m.add_argument("--decode-batches", default=None, help="comma-separated batch sizes of the first-token and decode "
                                                          "phases (default: 1, and 16, 64 on CUDA)")
     m.add_argument("--budget-s", type=float, default=None, help="start nothing after this many seconds; what is left "

@@ -224,6 +224,18 @@ def test_a_spent_budget_skips_the_rest_and_still_writes_the_record(tmp_path):
     assert {p.batch for p in phases if p.name.startswith("decode")} == {2}
 
 
+def test_phases_choose_the_end_to_end_phases(tmp_path):
+    main(["bench", "--quick", "--device", "cpu", "--ops", "none", "--models", "char", "--phases", "train step",
+          "--out", str(tmp_path)])
+    (record_path,) = tmp_path.glob("bench-*.json")
+    record = json.loads(record_path.read_text())
+    assert {r["phase"] for r in record["end_to_end"]} == {"train step"}
+    assert {r["impl"] for r in record["end_to_end"]} == {"gpt2fast", "transformers", hf_patch.PATCHED}
+    assert record["settings"]["phases"] == ["train step"]
+    with pytest.raises(SystemExit, match="unknown phase decoding"):
+        main(["bench", "--ops", "none", "--phases", "decoding"])
+
+
 def test_no_ops_and_no_models_measure_only_the_ceilings(tmp_path):
     main(["bench", "--quick", "--device", "cpu", "--ops", "none", "--models", "none", "--out", str(tmp_path)])
     (record_path,) = tmp_path.glob("bench-*.json")

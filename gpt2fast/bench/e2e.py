@@ -69,9 +69,12 @@ def sizes(s: Setting, config: GPT2Config) -> Sizes:
                  min(z.train_len, config.n_positions))
 
 
+PHASES = ("prefill", "time to first token", "first token", "decode", "decode top-p", "train step")
+
+
 @dataclass(frozen=True)
 class Phase:
-    name: str  # "prefill", "first token", "time to first token", "decode", "decode top-p" or "train step"
+    name: str  # one of PHASES
     batch: int
     tokens: int  # per call: prompt tokens read (prefill, first token), tokens made (decode), tokens trained
     # implementation -> factory of the call to time, or the reason it is not run in this setting

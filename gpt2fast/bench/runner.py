@@ -42,9 +42,10 @@ def main(args) -> None:
     # The reference is always measured: every speed-up is over it.
     backends = list(dict.fromkeys([REFERENCE, *_choose(args.backends, list(BACKENDS), "backend")]))
     decode_batches = None if args.decode_batches is None else _batches(args.decode_batches)
+    phases = _choose(args.phases, list(e2e.PHASES), "phase")
     if args.budget_s is not None and args.budget_s <= 0:
         raise ValueError(f"--budget-s must be > 0 seconds, got {args.budget_s}")
-    record = run(ops, models, s, backends, decode_batches=decode_batches, budget_s=args.budget_s)
+    record = run(ops, models, s, backends, decode_batches=decode_batches, budget_s=args.budget_s, phase_names=phases)
     out = Path(args.out) if args.out else default_out()
     for path in write(record, out):
         print(path)
@@ -77,13 +78,14 @@ def _choose(value: str | None, known: list[str], what: str, default: list[str] |
 
 
 def run(ops: list[str], models: list[str], s: Setting, backends=BACKENDS, progress: bool = True,
-        decode_batches: tuple[int, ...] | None = None, budget_s: float | None = None) -> dict:
+        decode_batches: tuple[int, ...] | None = None, budget_s: float | None = None,
+        phase_names: list[str] = e2e.PHASES) -> dict:
     """Measure; with budget_s, nothing starts once that many seconds have passed since the start, and what
     was left is recorded as skipped, so that a run cut short still writes what it measured."""
     deadline = Deadline(budget_s)
     cases = [case for op in ops for case in SUITES[op](s)]
-    model_phases = {model: hf_patch.with_patched_hf(e2e.phases(model, s, decode_batches), model, s)
-                    for model in models}
+    model_phases = {model: [p for p in hf_patch.with_patched_hf(e2e.phases(model, s, decode_batches), model, s)
+                            if p.name in phase_names] for model in models}
     bar = tqdm(total=1 + len(cases) + sum(map(len, model_phases.values())), desc="ceilings", disable=not progress)
     limits = ceilings.measure(s)
     bar.update()
@@ -104,6 +106,7 @@ def run(ops: list[str], models: list[str], s: Setting, backends=BACKENDS, progre
             "settings": {"device": s.device, "dtype": dtype_name(s.dtype), "quick": s.quick, "ops": ops,
                          "backends": list(backends), "models": models,
                          **({"decode_batches": list(decode_batches)} if decode_batches else {}),
+                         **({"phases": list(phase_names)} if list(phase_names) != list(e2e.PHASES) else {}),
                          **({"budget_s": budget_s} if budget_s is not None else {})},
             "timing": {"ops": method(s.device), "end_to_end": "time.perf_counter around each call, device synchronised",
                        "statistics": "median, p20 and p80 of the calls after warm-up"},
