@@ -1,9 +1,11 @@
 """Backend selection and fallback (gpt2fast.ops.registry), and the input checks of every public op."""
+import json
 import logging
 import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -328,6 +330,24 @@ def test_auto_order_per_op_overrides_the_device_order(fake_registry, monkeypatch
         ops.layer_norm(x, torch.ones(8), bias)  # the device's order: torch
     assert registry.auto_order("cpu", "bias_gelu") == ["triton", "torch"]
     assert registry.auto_order("cpu", "layer_norm") == registry.auto_order("tpu", "layer_norm") == ["torch"]
+
+
+def test_auto_ranks_a_kernel_for_one_op_only_where_the_cited_records_show_it_faster_and_correct():
+    """Never device-wide; per (device, op), each backend ahead of the reference is faster than it in every case
+    of a cited bench record of that device and, on CUDA, passed every check of a cited smoke record."""
+    root = Path(__file__).resolve().parents[1]
+    assert all(order == [registry.REFERENCE] for order in registry.AUTO_ORDER.values())
+    assert registry.AUTO_EVIDENCE.keys() == registry.AUTO_ORDER_BY_OP.keys()
+    for (device, op), order in registry.AUTO_ORDER_BY_OP.items():
+        records = [json.loads((root / path).read_text()) for path in registry.AUTO_EVIDENCE[device, op]]
+        for backend in order[: order.index(registry.REFERENCE)]:
+            timed = [r for rec in records if rec["name"] == "bench" and rec["device"]["type"] == device
+                     for r in rec["ops"] if (r["op"], r["impl"]) == (op, backend)]
+            assert timed and all(r["speedup_over_reference"] > 1 for r in timed), (device, op, backend)
+            if device == "cuda":
+                checked = [r for rec in records if rec["name"] == "smoke check" for r in rec["rows"]
+                           if (r["op"], r["backend"]) == (op, backend)]
+                assert checked and all(r["status"] == "ok" for r in checked), (device, op, backend)
 
 
 def small_args(op):
