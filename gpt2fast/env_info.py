@@ -11,14 +11,17 @@ import torch
 
 
 def _commit() -> str:
+    """The checkout's commit (+dirty), else $GPT2FAST_COMMIT (a copy of the tree without its .git), else unknown."""
     try:
         root = Path(__file__).resolve().parents[1]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        if out.returncode == 0:
+            return out.stdout.strip() + ("+dirty" if dirty else "")
     except OSError:
-        return "unknown"
+        pass
+    return os.environ.get("GPT2FAST_COMMIT", "unknown")
 
 
 def _version(module: str) -> str | None:

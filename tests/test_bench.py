@@ -275,3 +275,16 @@ def test_a_registered_backend_is_benchmarked_with_no_change_to_the_suites(monkey
 
     _, impls, skipped = prepare(cases[1600])
     assert "triton" not in impls and skipped["triton"] == "width 1600 not supported"
+
+
+def test_a_copy_without_git_records_the_commit_it_is_given(monkeypatch):
+    from gpt2fast import env_info
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(env_info.subprocess, "run", no_git)
+    monkeypatch.setenv("GPT2FAST_COMMIT", "abc1234")
+    assert env_info.environment()["commit"] == "abc1234"
+    monkeypatch.delenv("GPT2FAST_COMMIT")
+    assert env_info.environment()["commit"] == "unknown"
