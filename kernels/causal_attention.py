@@ -14,11 +14,13 @@ down for dK and dV, and one program per query block walks the key blocks up to t
 Each program owns the rows it writes: no atomics, and the same sums in the same order on every run.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from .target import Target, upcasts_dot_operands
 
 HEAD_DIMS = (16, 32, 64, 128)  # the head dim is one tile of columns: a power of two, at most 128
 
@@ -195,33 +197,32 @@ def _dq_kernel(Q, K, V, DO, Lse, Delta, DQ, stride_qb, stride_qh, stride_qt, str
     tl.store(DQ + offsets, (dq * scale).to(DQ.dtype.element_ty), mask=(rows < T)[:, None])
 
 
-# triton 3.6's interpreter multiplies bfloat16 tiles as their raw uint16 bits: there, they go to fp32
-# first (exact: a product of two bfloat16 values fits in fp32's mantissa).
-_INTERPRETED = isinstance(_forward_kernel, InterpretedFunction)
+class LaunchConfig(NamedTuple):
+    tiles: tuple[int, int]  # (rows one program owns, rows it steps through per iteration); the second divides the first
+    precision: str  # tl.dot's input_precision
+    num_warps: int
 
 
-def _precision(q: torch.Tensor) -> str:
+def launch_config(dtype: torch.dtype, D: int, backward: bool, target: Target) -> LaunchConfig:
+    """The forward's or the backward's tiles and options for head dim D on `target` (the delta kernel's are
+    its own: it only streams O and dO)."""
     # fp32 follows torch's matmul setting: exact fp32 products unless TF32 is allowed.
-    tf32 = q.dtype == torch.float32 and q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    return "tf32" if tf32 else "ieee"
-
-
-def _tiles(q: torch.Tensor, backward: bool) -> tuple[int, int]:
-    """(rows one program owns, rows it steps through per iteration); the second divides the first."""
+    precision = "tf32" if dtype == torch.float32 and target.tf32 else "ieee"
     # Tensor-core tiles, as in Triton's fused-attention tutorial: 128 x 64 forward, 128 x 32 backward (four
     # [128, D] tiles live there). Exact fp32 products run on the FMA units, whose operands spill heavily at
     # those sizes (ptxas, sm_80 and sm_90): 32 x 16 for them, and under the interpreter, so that short
     # sequences span many blocks.
-    if _INTERPRETED or (q.dtype == torch.float32 and _precision(q) == "ieee"):
-        return 32, 16
-    return (128, 32) if backward else (128, 64)
-
-
-def _kernel_options(q: torch.Tensor, backward: bool) -> dict:
+    if target.interpreter or (dtype == torch.float32 and precision == "ieee"):
+        tiles = (32, 16)
+    else:
+        tiles = (128, 32) if backward else (128, 64)
     # 8 warps where 4 spill registers (the backward, and D = 128; ptxas, sm_80 and sm_90); num_stages is
     # Triton's default (3 on sm_80 and up), to be tuned on a GPU.
-    return dict(D=q.shape[3], PRECISION=_precision(q), UPCAST=_INTERPRETED and q.dtype == torch.bfloat16,
-                num_warps=8 if backward or q.shape[3] > 64 else 4)
+    return LaunchConfig(tiles, precision, num_warps=8 if backward or D > 64 else 4)
+
+
+def _kernel_options(dtype: torch.dtype, D: int, config: LaunchConfig) -> dict:
+    return dict(D=D, PRECISION=config.precision, UPCAST=upcasts_dot_operands(dtype), num_warps=config.num_warps)
 
 
 def _unit_last_dim(t: torch.Tensor) -> torch.Tensor:
@@ -233,10 +234,11 @@ def _check(q: torch.Tensor) -> None:
         raise ValueError(f"causal_attention: head dim {q.shape[3]} (the kernel takes one of {HEAD_DIMS})")
 
 
-def causal_attention_forward(q, k, v, tiles=None):
+def causal_attention_forward(q, k, v, tiles=None, target=None):
     """(out [B, H, T, D] in q's dtype, lse [B, H, T] fp32: each query's natural-log log-sum-exp of its
     scaled scores); q, k, v of any strides. tiles: (query rows per program, key rows per step), powers of
-    two from 16, the first a multiple of the second; default from the dtype and device."""
+    two from 16, the first a multiple of the second; default: launch_config's for the dtype and the target
+    (default: the machine of q's device)."""
     _check(q)
     B, H, T, D = q.shape
     q, k, v = (_unit_last_dim(t) for t in (q, k, v))
@@ -244,16 +246,18 @@ def causal_attention_forward(q, k, v, tiles=None):
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_m, block_n = tiles or _tiles(q, backward=False)
+    config = launch_config(q.dtype, D, backward=False, target=target or Target.of(q.device))
+    block_m, block_n = tiles or config.tiles
     _forward_kernel[(B * H, triton.cdiv(T, block_m))](  # one program per (batch*head, query block)
         q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], H, T,
-        math.log2(math.e) / math.sqrt(D), BLOCK_M=block_m, BLOCK_N=block_n, **_kernel_options(q, backward=False))
+        math.log2(math.e) / math.sqrt(D), BLOCK_M=block_m, BLOCK_N=block_n, **_kernel_options(q.dtype, D, config))
     return out, lse
 
 
-def causal_attention_backward(grad_out, q, k, v, out, lse, tiles=None):
+def causal_attention_backward(grad_out, q, k, v, out, lse, tiles=None, target=None):
     """(dq, dk, dv) in q's dtype, from the forward's out and lse; tiles: (rows per program, rows per step),
-    as the forward's, the rows per program being keys for dK and dV and queries for dQ."""
+    as the forward's, the rows per program being keys for dK and dV and queries for dQ; target as the
+    forward's."""
     _check(q)
     B, H, T, D = q.shape
     grad_out, q, k, v, out = (_unit_last_dim(t) for t in (grad_out, q, k, v, out))
@@ -264,10 +268,11 @@ def causal_attention_backward(grad_out, q, k, v, out, lse, tiles=None):
     delta_rows = 4096 // D  # tiles of 4096 elements: the kernel only streams O and dO
     _delta_kernel[(B * H, triton.cdiv(T, delta_rows))](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], H, T, D=D, BLOCK_M=delta_rows)
-    big, small = tiles or _tiles(q, backward=True)
+    config = launch_config(q.dtype, D, backward=True, target=target or Target.of(q.device))
+    big, small = tiles or config.tiles
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     scale = 1.0 / math.sqrt(D)
-    options = _kernel_options(q, backward=True)
+    options = _kernel_options(q.dtype, D, config)
     _dkdv_kernel[(B * H, triton.cdiv(T, big))](  # one program per (batch*head, key block)
         q, k, v, grad_out, lse, delta, dk, dv, *strides, H, T, scale, scale * math.log2(math.e),
         BLOCK_N=big, BLOCK_M=small, **options)

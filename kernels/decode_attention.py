@@ -12,11 +12,13 @@ in one extra tile after the loop, and the program whose chunk holds a new positi
 the cache: the append costs no launch of its own, and no program reads an entry another one is writing.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from .target import Target, upcasts_dot_operands
 
 MAX_QUERIES = 16  # the queries live in one tile of rows: decode appends a few tokens, not a prompt
 HEAD_DIMS = (16, 32, 64, 128)  # the head dim is one tile of columns: a power of two, at most 128
@@ -117,23 +119,29 @@ def _combine_kernel(M_part, L_part, Acc_part, Out, stride_ob, stride_oh, stride_
     tl.store(Out + b * stride_ob + h * stride_oh + row * stride_ot + dims, out.to(Out.dtype.element_ty))
 
 
-# triton 3.6's interpreter gets tl.dot of bf16 tiles wrong (off by 1e10 at 16x16), so there bf16 products
-# go through fp32; compiled, bf16 and fp16 tiles go to the tensor cores as they are.
-_INTERPRETED = isinstance(_split_kernel, InterpretedFunction)
+class CacheSplit(NamedTuple):
+    splits: int  # chunks the cache is cut into, one program each per (batch, head)
+    chunk: int  # keys per chunk, whole blocks
+    block_n: int  # keys per step
 
 
-def _split_count(device: torch.device, heads: int, S: int) -> int:
-    # About two programs per SM when B*H alone would leave SMs idle, and no chunk under 64 keys.
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(target, heads), triton.cdiv(S, 64)))
+def cache_split(heads: int, S: int, target: Target, num_splits: int | None = None) -> CacheSplit:
+    """How a cache of S keys is cut for B*H = heads on `target`, into num_splits chunks or fewer (default:
+    about two programs per SM when B*H alone would leave SMs idle, and no chunk under 64 keys)."""
+    splits = num_splits or max(1, min(triton.cdiv(2 * target.sm_count, heads), triton.cdiv(S, 64)))
+    chunk = triton.cdiv(S, splits)
+    block_n = max(16, min(64, triton.next_power_of_2(chunk)))  # tl.dot takes tiles of 16 and up
+    chunk = triton.cdiv(chunk, block_n) * block_n  # whole blocks per chunk
+    return CacheSplit(triton.cdiv(S, chunk), chunk, block_n)
 
 
 def _unit_last_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def decode_attention_forward(q, k_cache, v_cache, lengths, k_new=None, v_new=None, num_splits=None):
-    """[B, H, Tq, D] in q's dtype; num_splits (default: from the device) is how many chunks S is cut into.
+def decode_attention_forward(q, k_cache, v_cache, lengths, k_new=None, v_new=None, num_splits=None, target=None):
+    """[B, H, Tq, D] in q's dtype; num_splits is how many chunks S is cut into, at most (default: cache_split's
+    choice for the target, by default the machine of q's device).
 
     With k_new, v_new [B, H, Tq, D], they are appended: written into the caches (in place) at positions
     lengths - Tq .. lengths - 1, which therefore need a unit stride along D as they are.
@@ -150,11 +158,7 @@ def decode_attention_forward(q, k_cache, v_cache, lengths, k_new=None, v_new=Non
     out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    splits = num_splits or _split_count(q.device, B * H, S)
-    chunk = triton.cdiv(S, splits)
-    block_n = max(16, min(64, triton.next_power_of_2(chunk)))  # tl.dot takes tiles of 16 and up
-    chunk = triton.cdiv(chunk, block_n) * block_n  # whole blocks per chunk
-    splits = triton.cdiv(S, chunk)
+    splits, chunk, block_n = cache_split(B * H, S, target or Target.of(q.device), num_splits)
     block_m = 16  # Tq <= 16 queries, padded to tl.dot's smallest tile
     m_part = torch.empty((B * H, splits, block_m), dtype=torch.float32, device=q.device)
     l_part = torch.empty((B * H, splits, block_m), dtype=torch.float32, device=q.device)
@@ -165,7 +169,7 @@ def decode_attention_forward(q, k_cache, v_cache, lengths, k_new=None, v_new=Non
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_new.stride(0), k_new.stride(1), k_new.stride(2),
         v_new.stride(0), v_new.stride(1), v_new.stride(2), H, Tq, chunk, splits,
         math.log2(math.e) / math.sqrt(D), D=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        FP32_DOT=q.dtype == torch.float32 or (_INTERPRETED and q.dtype == torch.bfloat16), APPEND=append,
+        FP32_DOT=q.dtype == torch.float32 or upcasts_dot_operands(q.dtype), APPEND=append,
         num_warps=4)
     _combine_kernel[(B * H, Tq)](  # one program per (batch*head, query): D outputs from `splits` partials
         m_part, l_part, acc_part, out, out.stride(0), out.stride(1), out.stride(2), H, splits,

@@ -9,12 +9,14 @@ weight columns while they are still in L2. Masks take M, N and K that are not mu
 The backward (registered by the triton backend) uses torch matmuls for the input and weight gradients
 and `bias_gelu`'s backward kernel for the GELU piece, see `gelu_mlp_backward`.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
 from .bias_gelu import _sigmoid, bias_gelu_backward
+from .target import Target, upcasts_dot_operands
 
 
 @triton.jit
@@ -57,43 +59,45 @@ def _matmul_kernel(A, W, Bias, C, Pre, M, N, K, stride_am, stride_ak, stride_wk,
     tl.store(C + row_offsets * stride_cm + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)
 
 
-# triton 3.6's interpreter multiplies bfloat16 tiles as their raw uint16 bits: there, they go to fp32
-# first (exact: a product of two bfloat16 values fits in fp32's mantissa).
-_UPCAST_BF16 = isinstance(_matmul_kernel, InterpretedFunction)
+class LaunchConfig(NamedTuple):
+    blocks: tuple[int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K)
+    precision: str  # tl.dot's input_precision
 
 
-def _blocks(M: int) -> tuple[int, int, int]:
+def launch_config(dtype: torch.dtype, M: int, target: Target) -> LaunchConfig:
+    """The matmul kernel's blocks and precision for M rows of `dtype` on `target`."""
     # 64x128 tiles with K steps of 32 (Triton's tutorial choice, tensor-core friendly, fits shared memory
     # with pipelining); 16 rows (tl.dot's minimum) when decoding a few rows, so no work is masked away.
-    return (16 if M <= 16 else 64), 128, 32
+    blocks = (16 if M <= 16 else 64), 128, 32
+    # fp32 follows torch's matmul setting: exact fp32 products unless TF32 is allowed.
+    return LaunchConfig(blocks, "tf32" if dtype == torch.float32 and target.tf32 else "ieee")
 
 
-def _matmul(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, gelu: bool, store_pre: bool):
+def _matmul(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, gelu: bool, store_pre: bool, target: Target):
     """(bias + a @ w, then GELU if asked; the pre-activation, or None) for a [M, K], w [K, N] any strides."""
     M, K = a.shape
     N = w.shape[1]
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     pre = torch.empty((M, N), dtype=a.dtype, device=a.device) if store_pre else None
     if M > 0:
-        block_m, block_n, block_k = _blocks(M)
-        # fp32 follows torch's matmul setting: exact fp32 products unless TF32 is allowed.
-        tf32 = a.dtype == torch.float32 and a.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        (block_m, block_n, block_k), precision = launch_config(a.dtype, M, target)
         grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
         _matmul_kernel[grid](a, w, bias.contiguous(), out, out if pre is None else pre, M, N, K,
                              a.stride(0), a.stride(1), w.stride(0), w.stride(1), out.stride(0),
                              0 if pre is None else pre.stride(0), GELU=gelu, STORE_PRE=store_pre,
-                             PRECISION="tf32" if tf32 else "ieee",
-                             UPCAST=_UPCAST_BF16 and a.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n,
-                             BLOCK_K=block_k, GROUP_M=8)
+                             PRECISION=precision, UPCAST=upcasts_dot_operands(a.dtype), BLOCK_M=block_m,
+                             BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8)
     return out, pre
 
 
-def gelu_mlp_forward(x, w_fc, b_fc, w_proj, b_proj, save_pre: bool):
+def gelu_mlp_forward(x, w_fc, b_fc, w_proj, b_proj, save_pre: bool, target=None):
     """(y, act, pre): y like x; act = gelu_tanh(pre) and pre = x @ w_fc + b_fc, both [..., F] in x's
-    dtype; pre is None unless save_pre (for the backward)."""
+    dtype; pre is None unless save_pre (for the backward). target: the machine to configure the launches
+    for (default: that of x's device)."""
     lead = x.shape[:-1]
-    act, pre = _matmul(x.reshape(-1, x.shape[-1]), w_fc, b_fc, gelu=True, store_pre=save_pre)
-    y, _ = _matmul(act, w_proj, b_proj, gelu=False, store_pre=False)
+    target = target or Target.of(x.device)
+    act, pre = _matmul(x.reshape(-1, x.shape[-1]), w_fc, b_fc, gelu=True, store_pre=save_pre, target=target)
+    y, _ = _matmul(act, w_proj, b_proj, gelu=False, store_pre=False, target=target)
     F = w_fc.shape[1]
     return y.view(x.shape), act.view(*lead, F), None if pre is None else pre.view(*lead, F)
 

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .target import Target
+
 MAX_WIDTH = 8192  # a whole row lives in one program's registers
 
 
@@ -97,18 +99,25 @@ def layer_norm_forward(x, weight, bias, eps, residual=None):
     return y.view(x.shape), None if h is None else h.view(x.shape), mean, rstd
 
 
-def layer_norm_backward(grad_y, grad_h, h, weight, mean, rstd):
+def backward_program_count(M: int, target: Target) -> int:
+    """The backward's programs for M rows on `target`: one per SM, at most one per row (and one for no
+    rows, whose partial rows of zeros sum to dweight and dbias)."""
+    return max(min(M, target.sm_count), 1)
+
+
+def layer_norm_backward(grad_y, grad_h, h, weight, mean, rstd, target=None):
     """(dh, dweight, dbias) from the saved LayerNorm input h, mean and rstd; grad_h (or None) is the
-    gradient reaching h directly, added to dh (which is then the grad of both x and residual)."""
+    gradient reaching h directly, added to dh (which is then the grad of both x and residual). target: the
+    machine to configure the launch for (default: that of h's device)."""
     N = h.shape[-1]
     h2, dy2 = _rows(h), _rows(grad_y)
     dh2 = None if grad_h is None else _rows(grad_h)
     M = h2.shape[0]
     dx = torch.empty((M, N), dtype=h.dtype, device=h.device)
-    # One program per SM (a few under the interpreter), each over every programs-th row, writing its
-    # partial dweight/dbias row, summed below: deterministic, unlike atomics, whose order of adds varies
-    # from run to run, and no contention of every program on the same N addresses.
-    programs = max(min(M, _program_count(h.device)), 1)
+    # One program per SM (a few on a CPU), each over every programs-th row, writing its partial
+    # dweight/dbias row, summed below: deterministic, unlike atomics, whose order of adds varies from run
+    # to run, and no contention of every program on the same N addresses.
+    programs = backward_program_count(M, target or Target.of(h.device))
     dw_partial = torch.empty((programs, N), dtype=torch.float32, device=h.device)
     db_partial = torch.empty((programs, N), dtype=torch.float32, device=h.device)
     block, warps = _block_and_warps(N)
@@ -117,9 +126,3 @@ def layer_norm_backward(grad_y, grad_h, h, weight, mean, rstd):
         dy2.stride(0), 0 if dh2 is None else dh2.stride(0), h2.stride(0), dx.stride(0), M, N,
         HAS_DH=grad_h is not None, BLOCK=block, num_warps=warps)
     return dx.view(h.shape), dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
-
-
-def _program_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4

@@ -18,7 +18,8 @@ Greedy decoding (temperature 0) is an argmax and needs no kernel.
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from .target import Target
 
 NO_KEY = tl.constexpr(-(2**31) - 1)  # below every key: a pivot that every token is ranked above, a threshold all pass
 
@@ -156,28 +157,30 @@ def _sample_kernel(X, Seed, Out, stride_x, B, V, temperature, top_k, top_p,
     tl.store(Out + rows, choice.to(tl.int64), mask=row_ok)
 
 
-# Tiles of 4096 scores: a long row is read in blocks of 4096 (16 per thread at 8 warps); short rows are
-# stacked, several per program, so that a tile stays full. The interpreter runs one program at a time in
-# Python, at a cost per operation more than per element: there, tiles of 65536.
-_TILE = 2**16 if isinstance(_sample_kernel, InterpretedFunction) else 4096
-_MAX_BLOCK = _TILE  # columns per block (the tests lower it, to read short rows in many blocks)
+_MAX_BLOCK = 2**16  # columns per block at most: no tile is wider (tests lower it, to read short rows in many blocks)
 
 
-def _tiles(B: int, V: int) -> tuple[int, int]:
-    block = min(triton.next_power_of_2(V), _MAX_BLOCK)
-    return min(_TILE // block, triton.next_power_of_2(B)), block
+def tile_shape(B: int, V: int, target: Target) -> tuple[int, int]:
+    """(rows per program, columns per block) for B rows of V logits on `target`."""
+    # Tiles of 4096 scores: a long row is read in blocks of 4096 (16 per thread at 8 warps); short rows are
+    # stacked, several per program, so that a tile stays full. The interpreter runs one program at a time
+    # in Python, at a cost per operation more than per element: there, tiles of 65536.
+    tile = 2**16 if target.interpreter else 4096
+    block = min(triton.next_power_of_2(V), tile, _MAX_BLOCK)
+    return min(tile // block, triton.next_power_of_2(B)), block
 
 
 def sample_forward(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                   seed: torch.Tensor) -> torch.Tensor:
+                   seed: torch.Tensor, target: Target | None = None) -> torch.Tensor:
     """[B] int64 ids drawn from logits [B, V] (temperature > 0; top_k 0 or >= V and top_p 1 mean off);
-    seed is an int64 tensor of one element, the Philox seed of the draws' uniforms."""
+    seed is an int64 tensor of one element, the Philox seed of the draws' uniforms; target: the machine to
+    configure the launch for (default: that of the logits' device)."""
     B, V = logits.shape
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B == 0:
         return out
-    rows, block = _tiles(B, V)
+    rows, block = tile_shape(B, V, target or Target.of(logits.device))
     _sample_kernel[(triton.cdiv(B, rows),)](
         x, seed, out, x.stride(0), B, V, temperature, top_k, top_p,
         HAS_TOP_K=0 < top_k < V, HAS_TOP_P=top_p < 1.0, ROWS=rows, BLOCK=block, num_warps=8)
