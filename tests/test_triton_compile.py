@@ -5,7 +5,7 @@ it accepts may still fail to compile, or compile to more shared memory than an H
 launcher runs on CPU tensors in a fresh process without TRITON_INTERPRET, against a stand-in driver
 whose target is an H100 (sm_90), with launches turned into compile-only warm-ups: Triton's compiler
 and the ptxas it ships take every kernel down to a cubin, in every dtype and each code path its
-launcher picks. Nothing runs.
+launcher picks for an H100 (target=H100: its tiles and split counts). Nothing runs.
 """
 import json
 import os
@@ -43,29 +43,31 @@ def warm_up(self, *args, grid, warmup, **kwargs):
 JITFunction.run = warm_up
 
 from gpt2fast.kernels import bias_gelu, causal_attention, cross_entropy, decode_attention, gelu_mlp, layer_norm, sample
+from gpt2fast.kernels.target import H100
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     r = lambda *shape: torch.randn(*shape).to(dtype)
     x, w, b = r(4, 768), r(768), r(768)
     _, h, mean, rstd = layer_norm.layer_norm_forward(x, w, b, 1e-5, r(4, 768))
     layer_norm.layer_norm_forward(x, w, b, 1e-5)
-    layer_norm.layer_norm_backward(x, x, h, w, mean, rstd)
-    layer_norm.layer_norm_backward(x, None, h, w, mean, rstd)
+    layer_norm.layer_norm_backward(x, x, h, w, mean, rstd, target=H100)
+    layer_norm.layer_norm_backward(x, None, h, w, mean, rstd, target=H100)
     bias_gelu.bias_gelu_forward(r(4, 3072), r(3072))
     bias_gelu.bias_gelu_backward(r(4, 3072), r(4, 3072), r(3072))
-    gelu_mlp.gelu_mlp_forward(r(4, 768), r(768, 3072), r(3072), r(3072, 768), r(768), save_pre=True)
-    gelu_mlp.gelu_mlp_forward(r(77, 768), r(768, 3072), r(3072), r(3072, 768), r(768), save_pre=False)
+    gelu_mlp.gelu_mlp_forward(r(4, 768), r(768, 3072), r(3072), r(3072, 768), r(768), save_pre=True, target=H100)
+    gelu_mlp.gelu_mlp_forward(r(77, 768), r(768, 3072), r(3072), r(3072, 768), r(768), save_pre=False, target=H100)
     for D in causal_attention.HEAD_DIMS:
         q = r(1, 2, 77, D)
-        out, lse = causal_attention.causal_attention_forward(q, q, q)
-        causal_attention.causal_attention_backward(q, q, q, q, out, lse.zero_())
+        out, lse = causal_attention.causal_attention_forward(q, q, q, target=H100)
+        causal_attention.causal_attention_backward(q, q, q, q, out, lse.zero_(), target=H100)
     for D in decode_attention.HEAD_DIMS:
-        decode_attention.decode_attention_forward(r(2, 2, 1, D), r(2, 2, 64, D), r(2, 2, 64, D), torch.tensor([5, 64]))
         decode_attention.decode_attention_forward(r(2, 2, 1, D), r(2, 2, 64, D), r(2, 2, 64, D), torch.tensor([5, 64]),
-                                                  r(2, 2, 1, D), r(2, 2, 1, D))
+                                                  target=H100)
+        decode_attention.decode_attention_forward(r(2, 2, 1, D), r(2, 2, 64, D), r(2, 2, 64, D), torch.tensor([5, 64]),
+                                                  r(2, 2, 1, D), r(2, 2, 1, D), target=H100)
     logits = r(2, 50257)
     seed = torch.tensor([0])
-    sample.sample_forward(logits, 0.8, 50, 0.9, seed)
-    sample.sample_forward(logits, 1.0, 0, 1.0, seed)
+    sample.sample_forward(logits, 0.8, 50, 0.9, seed, target=H100)
+    sample.sample_forward(logits, 1.0, 0, 1.0, seed, target=H100)
     targets = torch.tensor([3, -100, 50256, 0])
     cross_entropy.linear_cross_entropy_forward(r(4, 768), r(50257, 768), targets, -100, True, True, True)
     cross_entropy.linear_cross_entropy_forward(r(4, 768), r(50257, 768), targets, -100, False, False, False)
