@@ -3,7 +3,7 @@
 CMake builds the kernels library (every csrc/*.cu for sm_80 and sm_90, the CPU kernels) and the
 standalone CUDA tests and benchmarks; the extension's bindings, which setup.py compiles with their
 CUDA parts only against a CUDA build of torch, are compiled here with those parts switched on. Nothing
-CUDA runs here: .ci/gpu runs the GPU suite.
+CUDA runs here: .ci/gpu runs the GPU side, in stages.
 """
 import os
 import shutil
