@@ -20,6 +20,8 @@ compilations (torch's build: every core by default).
 """
 import glob
 import os
+import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -28,10 +30,22 @@ TRITON = "triton>=3.6; platform_system == 'Linux'"
 CUDA_ARCHS = tuple(os.environ.get("GPT2FAST_CUDA_ARCHS", "80 90").replace(",", " ").split())
 
 
+def nvcc_toolkit() -> str | None:
+    """The CUDA toolkit that `nvcc` belongs to. torch takes the folder above nvcc's, which is wrong where nvcc
+    is a wrapper script outside the toolkit (/usr/local/bin/nvcc), and then misses CUDA's headers."""
+    if not shutil.which("nvcc"):
+        return None
+    dryrun = subprocess.run(["nvcc", "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True)
+    top = [line.split("=", 1)[1].strip() for line in dryrun.stderr.splitlines() if line.startswith("#$ TOP=")]
+    return os.path.realpath(top[0]) if top else None
+
+
 def extension():
     """(ext_modules, cmdclass) for gpt2fast._C, or nothing where it cannot or should not be built."""
     if os.environ.get("GPT2FAST_NO_EXTENSION") == "1":
         return [], {}
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and nvcc_toolkit():
+        os.environ["CUDA_HOME"] = nvcc_toolkit()  # read by torch.utils.cpp_extension when it is imported below
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

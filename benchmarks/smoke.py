@@ -255,6 +255,8 @@ def decode_speed(device: str, backends: list[str], preset: str, prompt: int, new
 
     dtype = DEFAULT_DTYPE[device]
     config = GPT2Config.from_preset(preset)
+    prompt = min(prompt, config.n_positions // 2)  # within a small preset's context (the char model's 256)
+    new_tokens = min(new_tokens, config.n_positions - prompt)
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT2(config).to(dtype).eval()
