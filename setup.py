@@ -44,8 +44,9 @@ def extension():
     """(ext_modules, cmdclass) for gpt2fast._C, or nothing where it cannot or should not be built."""
     if os.environ.get("GPT2FAST_NO_EXTENSION") == "1":
         return [], {}
-    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and nvcc_toolkit():
-        os.environ["CUDA_HOME"] = nvcc_toolkit()  # read by torch.utils.cpp_extension when it is imported below
+    toolkit = None if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") else nvcc_toolkit()
+    if toolkit:
+        os.environ["CUDA_HOME"] = toolkit  # read by torch.utils.cpp_extension when it is imported below
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
