@@ -239,10 +239,10 @@ def _check(shapes: str, device: str, dtypes: list[torch.dtype], backends: list[s
 
 
 def sanitize(device: str, backends: list[str]) -> list[dict]:
-    """One small launch of every kernel of each backend, forward and backward, fp32 and bf16: the program
-    compute-sanitizer watches (with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so each tensor is its own allocation
-    and an access past its end is seen)."""
-    return check("tiny", device, [torch.float32, torch.bfloat16], backends)
+    """One small launch of every kernel of each backend, forward and backward, in every dtype (each its own
+    instantiation): the program compute-sanitizer watches (with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so each
+    tensor is its own allocation and an access past its end is seen)."""
+    return check("tiny", device, list(DTYPES.values()), backends)
 
 
 def decode_speed(device: str, backends: list[str], preset: str, prompt: int, new_tokens: int) -> list[dict]:
