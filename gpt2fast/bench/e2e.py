@@ -100,11 +100,9 @@ def phases(preset: str, s: Setting, decode_batches: tuple[int, ...] | None = Non
 
     def first_token(batch, prompt=z.prompt):
         x = ids(batch, prompt)
-        hf_kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False, pad_token_id=0)
         return {OURS: lambda: functools.partial(models()[OURS].generate, x, 1, do_sample=False),
-                PEER: lambda: _inference(functools.partial(models()[PEER].generate, x, **hf_kw)),
-                COMPILED_PEER: compiled_peer or (lambda: _inference(functools.partial(
-                    models()[PEER].generate, x, cache_implementation="static", **hf_kw)))}
+                PEER: lambda: hf_first_token(models()[PEER], x),
+                COMPILED_PEER: compiled_peer or (lambda: hf_first_token(models()[PEER], x, cache_implementation="static"))}
 
     def decode(batch, n, top_p=None):
         x = ids(batch, z.prompt)
@@ -153,6 +151,12 @@ def ours_decode(model: GPT2, x: torch.Tensor, n: int, **kwargs) -> Prepared:
         return tokens
 
     return Prepared(prepare, lambda tokens: sum(1 for _ in tokens))
+
+
+def hf_first_token(model, x: torch.Tensor, **kwargs):
+    """transformers' greedy generate of one token after the prompt x: the call to time."""
+    return _inference(functools.partial(model.generate, x, attention_mask=torch.ones_like(x), max_new_tokens=1,
+                                        do_sample=False, pad_token_id=0, **kwargs))
 
 
 def hf_decode(model, x: torch.Tensor, n: int, static: bool = False, **sampling) -> Prepared:

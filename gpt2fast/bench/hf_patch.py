@@ -34,8 +34,7 @@ def with_patched_hf(phases: list[e2e.Phase], preset: str, s: Setting) -> list[e2
 
     def first_token(batch):
         x = ids(batch, z.prompt)
-        kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False, pad_token_id=0)
-        return lambda: e2e._inference(functools.partial(model().generate, x, **kw))
+        return lambda: e2e.hf_first_token(model(), x)
 
     def decode(batch):
         x = ids(batch, z.prompt)

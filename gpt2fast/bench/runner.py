@@ -153,7 +153,7 @@ class Deadline:
 
 
 def measure_model(model: str, phases: list[e2e.Phase], s: Setting, limits: dict, bar,
-                  deadline: Deadline = Deadline(None)) -> tuple[list[dict], list[dict]]:
+                  deadline: Deadline) -> tuple[list[dict], list[dict]]:
     """Time every phase of one model, gpt2fast and transformers; an implementation not run in this setting,
     or that fails a phase (out of memory at a large batch, say), is recorded as skipped and the run goes on."""
     measured, skipped = [], []

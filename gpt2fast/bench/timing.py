@@ -65,7 +65,8 @@ def time_wall(fn: Callable[[], object] | Prepared, device: str, budget_s: float,
 
 
 def _wall(fn: Callable[[], object] | Prepared, device: str) -> float:
-    """Seconds of one call, the device synchronised before and after; a Prepared call's set-up untimed."""
+    """Seconds of one call, the device synchronised after it; a Prepared call's set-up runs first, untimed,
+    the device synchronised before the clock starts."""
     if isinstance(fn, Prepared):
         state = fn.prepare()
         sync(device)
