@@ -17,8 +17,9 @@
 // - top-p by rejection with pivots (FlashInfer's method): draw j in proportion to p among the tokens
 //   ranked above a pivot (by score, then by id), accept j if the mass ranked above it is < top_p * Z, else
 //   make j the pivot and draw again above it. An accepted token is in the nucleus; a rejected one moves
-//   the pivot strictly up; the top token has nothing above it and p = 1, so it is always accepted and the
-//   loop ends. Each round accepts with probability >= top_p.
+//   the pivot strictly up; the top token has nothing above it, so it is accepted whatever top_p (even one
+//   that rounds to 0 in fp32, where `above < top_p * Z` never holds) and the loop ends within V rounds.
+//   Each round accepts with probability >= top_p.
 // - Uniforms come from SplitMix64 keyed by (seed, row, attempt), as on the CPU; the seed is read from
 //   device memory, so that a launch needs no host sync and can be captured in a CUDA graph.
 #include <cuda_bf16.h>
@@ -315,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (top_p >= 1.0f || choice < 0) break;  // no top-p; or a row outside the contract (NaN, all -inf)
     const Candidates above_choice{kept.min_key, key_of(scores[choice]), choice};
     const double above = block_sum(sh, thread_mass(scores, vocab, above_choice));
-    if (above < static_cast<double>(top_p) * z) break;
+    if (above == 0.0 || above < static_cast<double>(top_p) * z) break;  // the top token: always kept
     region = above_choice;
     region_mass = above;
   }

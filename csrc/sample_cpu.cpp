@@ -6,6 +6,9 @@
 //   above a pivot (by score, then by id), accept j if the mass ranked above it is < top_p * Z, else make j
 //   the pivot and draw again above it. An accepted token is distributed exactly as p restricted to the
 //   nucleus; each round accepts with probability >= top_p.
+// - the top-ranked token has no mass above it and is always accepted, whatever top_p (even one that rounds
+//   to 0 in fp32: the nucleus keeps at least one token), and each rejection moves the pivot up the ranking,
+//   so a row takes at most `vocab` rounds: the loop ends for every valid input.
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -90,15 +93,14 @@ int64_t sample_row_cpu(const float* logits, int64_t vocab, float temperature, in
     row.p[i] = row.score[i] >= min_score ? std::exp(static_cast<double>(row.score[i])) : 0.0;
     kept += row.p[i];
   }
-  // The top token has p = 1 and nothing above it, so it is always accepted: the loop ends.
   int64_t pivot = -1;
   double region = kept;
   for (uint64_t attempt = 0;; ++attempt) {
     const int64_t j = draw(row, pivot, uniform(seed, stream, attempt) * region);
     if (top_p >= 1.0f) return j;
     const double above_j = mass_above(row, j);
-    if (above_j < static_cast<double>(top_p) * kept) return j;
-    pivot = j;
+    if (above_j == 0.0 || above_j < static_cast<double>(top_p) * kept) return j;
+    pivot = j;  // above_j > 0: the next round draws from a non-empty region above j
     region = above_j;
   }
 }

@@ -13,6 +13,8 @@ and their order are the reference's, and on p = exp(s) (unnormalised probabiliti
   ranked below it is, so j becomes the pivot and the draw repeats above it. An accepted token is
   distributed exactly as p restricted to the nucleus, and each round accepts with probability >= top_p,
   so it takes at most 1 / top_p rounds on average (two passes each); without top-p the first draw stands.
+  The top-ranked token has no mass above it and is always accepted, even where top_p rounds to 0 in fp32
+  (the nucleus keeps at least one token): each rejection moves the pivot up, so a row ends within V rounds.
 Greedy decoding (temperature 0) is an argmax and needs no kernel.
 """
 import torch
@@ -146,7 +148,8 @@ def _sample_kernel(X, Seed, Out, stride_x, B, V, temperature, top_k, top_p,
             x_j = tl.load(X + rows.to(tl.int64) * stride_x + j, mask=row_ok, other=0.0).to(tl.float32)
             key_j = _key(_scores(x_j, x_max, temperature))
             above_j = _mass(X, rows, row_ok, stride_x, V, x_max, temperature, min_key, key_j, j, ROWS, BLOCK)
-            accept = drawing & (above_j < top_p * kept_mass)
+            # The top-ranked token (nothing above it) is always kept, even for a top_p that rounds to 0.
+            accept = drawing & ((above_j == 0.0) | (above_j < top_p * kept_mass))
             rejected = drawing & ~accept
             pivot_key = tl.where(rejected, key_j, pivot_key)
             pivot_id = tl.where(rejected, j, pivot_id)

@@ -159,6 +159,21 @@ def test_top_p_keeps_at_least_the_top_token(backend, device):
     assert set(ids.tolist()) == {int(logits.argmax())}
 
 
+# 1e-46 and smaller round to 0 in fp32, where a sampler's acceptance test `above < top_p * Z` never holds:
+# each backend must still end, with the top token.
+@pytest.mark.parametrize("top_p", [1e-300, 1e-50, 1e-46, 1e-45, 1e-38])
+def test_top_p_below_fp32_range_ends_with_the_top_token(backend, device, top_p):
+    logits = random_logits(33, seed=6)
+    ids = draw(logits, 64, backend, device, seed=7, top_p=top_p)
+    assert set(ids.tolist()) == {int(logits.argmax())}
+
+
+def test_top_p_below_fp32_range_takes_the_top_ranked_of_tied_tokens(backend, device):
+    logits = torch.full((9,), 0.7)  # all tied: the stable sort ranks the highest id on top
+    ids = draw(logits, 64, backend, device, seed=8, top_k=4, top_p=1e-300)
+    assert set(ids.tolist()) == {8}
+
+
 # ---- distribution: chi-square against the exact probabilities ----
 
 # (V, temperature, top_k, top_p); top_k 0 and top_p 1 mean "off".
