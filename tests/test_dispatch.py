@@ -19,8 +19,10 @@ from conftest import fallback_records
 @pytest.fixture(autouse=True)
 def restore_selection():
     """Whatever a test selects with set_backend is undone after it."""
-    with gpt2fast.use_backend():
-        yield
+    saved = registry._process_selection
+    yield
+    registry._process_selection = saved
+    registry._compiled_view["selection"] = registry._current()
 
 
 @pytest.fixture
@@ -125,6 +127,44 @@ def test_selection_in_one_thread_does_not_leak_into_another():
     assert seen == {"worker": "cuda", "main": "torch"}
 
 
+def test_set_backend_holds_in_every_thread_and_executor_worker():
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = threading.Event()
+    go = threading.Event()
+    seen = {}
+
+    def running_before_the_call():
+        started.set()
+        go.wait(60)
+        seen["thread"] = (gpt2fast.get_backend(), gpt2fast.get_backend("sample"))
+
+    thread = threading.Thread(target=running_before_the_call)
+    thread.start()
+    started.wait(60)
+    gpt2fast.set_backend("triton", sample="cuda")
+    go.set()
+    thread.join()
+    with ThreadPoolExecutor(2) as pool:
+        seen["worker"] = pool.submit(lambda: (gpt2fast.get_backend(), gpt2fast.get_backend("sample"))).result()
+    assert seen == {"thread": ("triton", "cuda"), "worker": ("triton", "cuda")}
+
+
+def test_set_backend_from_a_worker_thread_holds_in_the_main_thread():
+    thread = threading.Thread(target=gpt2fast.set_backend, args=("cuda",))
+    thread.start()
+    thread.join()
+    assert gpt2fast.get_backend() == "cuda"
+
+
+def test_use_backend_wins_over_a_set_backend_made_inside_it():
+    gpt2fast.set_backend("torch")
+    with gpt2fast.use_backend("triton"):
+        gpt2fast.set_backend("cuda")
+        assert gpt2fast.get_backend() == "triton"
+    assert gpt2fast.get_backend() == "cuda"
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: gpt2fast.set_backend("tpu"), r"unknown backend 'tpu'; choose one of auto, torch, triton, cuda"),
     (lambda: gpt2fast.set_backend(""), r"unknown backend ''"),
@@ -186,10 +226,20 @@ def test_environment_variable_selects_the_backend_at_import():
     assert result.stdout.split() == ["torch", "torch"]
 
 
-def test_invalid_environment_variable_fails_at_import_naming_it():
+def test_invalid_environment_variable_warns_once_and_selects_auto():
     result = run_python_with_backend("fastest")
-    assert result.returncode != 0
-    assert "GPT2FAST_BACKEND: unknown backend 'fastest'; choose one of auto, torch, triton, cuda" in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["auto", "auto"]
+    warning = "gpt2fast: GPT2FAST_BACKEND: unknown backend 'fastest'; choose one of auto, torch, triton, cuda; using auto"
+    assert result.stderr.splitlines() == [warning]
+
+
+def test_invalid_environment_variable_leaves_the_cli_usable():
+    env = {**os.environ, "GPT2FAST_BACKEND": "nonsense"}
+    result = subprocess.run([sys.executable, "-m", "gpt2fast", "--help"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "usage: gpt2fast" in result.stdout
+    assert "Traceback" not in result.stderr and "unknown backend 'nonsense'" in result.stderr
 
 
 # ---- fallback to the reference ----

@@ -2,7 +2,8 @@
 
 Selection, most specific first: a per-op override (`set_backend(sample="torch")`), then the
 backend set for all ops (`set_backend("triton")`, the `use_backend(...)` context manager, or
-the GPT2FAST_BACKEND environment variable read at import), default `auto`. `auto` walks a
+the GPT2FAST_BACKEND environment variable read at import), default `auto`. `set_backend` holds for the
+whole process; `use_backend` for its block, in its own thread, where it wins over `set_backend`. `auto` walks a
 preference list per device type, fastest first as the benchmarks measured it. A backend that is
 unavailable, lacks the op, or refuses an input falls back to the reference (`torch`) with one log
 line per distinct reason.
@@ -13,6 +14,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -108,21 +110,31 @@ def _check_choice(name: str) -> str:
 
 
 def _from_env() -> str:
+    """GPT2FAST_BACKEND, or `auto` (with one warning naming the bad value) when it names no backend: a typo in
+    the environment must not stop `import gpt2fast`, nor `--help`."""
     value = os.environ.get("GPT2FAST_BACKEND") or "auto"
     try:
         return _check_choice(value)
     except ValueError as e:
-        raise ValueError(f"GPT2FAST_BACKEND: {e}") from None
+        log.warning("gpt2fast: GPT2FAST_BACKEND: %s; using auto", e)
+        return "auto"
 
 
-# (global backend, per-op overrides); a ContextVar so that use_backend nests and is thread-safe.
-_selection: contextvars.ContextVar[tuple[str, dict[str, str]]] = contextvars.ContextVar(
-    "gpt2fast_backend", default=(_from_env(), {})
-)
+Selection = tuple[str, dict[str, str]]  # (the backend for all ops, per-op overrides)
+
+# set_backend's selection holds for the whole process, every thread and executor worker included;
+# use_backend's holds in its block, in its own thread (or asyncio task) only, and wins there.
+_process_selection: Selection = (_from_env(), {})
+_local_selection: contextvars.ContextVar[Selection | None] = contextvars.ContextVar("gpt2fast_backend", default=None)
+_set_lock = threading.Lock()
 
 
-def _parse(backend: str | None, per_op: dict[str, str]) -> tuple[str, dict[str, str]]:
-    current, overrides = _selection.get()
+def _current() -> Selection:
+    return _local_selection.get() or _process_selection
+
+
+def _parse(base: Selection, backend: str | None, per_op: dict[str, str]) -> Selection:
+    current, overrides = base
     overrides = dict(overrides)
     for op, name in per_op.items():
         if op not in OPS:
@@ -132,36 +144,38 @@ def _parse(backend: str | None, per_op: dict[str, str]) -> tuple[str, dict[str, 
 
 
 # Dynamo cannot trace a ContextVar but reads (and guards on) a plain dict, so compiled code reads this
-# copy of the selection in effect, and recompiles when it changes.
-_compiled_view: dict[str, tuple[str, dict[str, str]]] = {"selection": _selection.get()}
-
-
-def _select(selection: tuple[str, dict[str, str]]) -> contextvars.Token:
-    _compiled_view["selection"] = selection
-    return _selection.set(selection)
+# copy of the selection last made, and recompiles when it changes.
+_compiled_view: dict[str, Selection] = {"selection": _current()}
 
 
 def set_backend(backend: str | None = None, **per_op: str) -> None:
-    """Set the backend for all ops (`set_backend("triton")`) and/or per op (`set_backend(sample="torch")`)."""
-    _select(_parse(backend, per_op))
+    """Set the backend for all ops (`set_backend("triton")`) and/or per op (`set_backend(sample="torch")`),
+    for the whole process. Inside a `use_backend` block that block's selection still wins, until it ends."""
+    global _process_selection
+    with _set_lock:  # two threads setting different ops at once both land
+        _process_selection = _parse(_process_selection, backend, per_op)
+        _compiled_view["selection"] = _current()
 
 
 def get_backend(op: str | None = None) -> str:
     if op is not None and op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
-    current, overrides = _compiled_view["selection"] if torch.compiler.is_compiling() else _selection.get()
+    current, overrides = _compiled_view["selection"] if torch.compiler.is_compiling() else _current()
     return overrides.get(op, current) if op else current
 
 
 @contextlib.contextmanager
 def use_backend(backend: str | None = None, **per_op: str) -> Iterator[None]:
-    """Context manager form of `set_backend`; the previous selection comes back on exit."""
-    token = _select(_parse(backend, per_op))
+    """`set_backend` for a block, in this thread (or asyncio task) only; the previous selection comes back on
+    exit. Blocks nest, each on top of the selection in effect where it starts."""
+    selection = _parse(_current(), backend, per_op)
+    token = _local_selection.set(selection)
+    _compiled_view["selection"] = selection
     try:
         yield
     finally:
-        _selection.reset(token)
-        _compiled_view["selection"] = _selection.get()
+        _local_selection.reset(token)
+        _compiled_view["selection"] = _current()
 
 
 _logged: set[str] = set()
