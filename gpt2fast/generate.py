@@ -3,13 +3,21 @@
 Prompts of different lengths are packed to the left (right padding) with a length per row, so the
 causal prefill never lets a real token see padding and each sequence appends at its own length:
 no attention is spent on padding and no mask is needed beyond each row's length.
+
+Threads: a model serves any number of generations at once, interleaved in one thread or run from
+several: each live generation holds a decoder (KV cache and buffers) of its own, and the model keeps
+the newest one for the next generation with the same settings. The weights must not change (training
+steps, `model.to(...)`) while a generation runs.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
 from collections import deque
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from . import ops
@@ -20,10 +28,19 @@ def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -
     """(ids [B, T'], lengths [B]) with each row's attended tokens first, in order, whatever the padding side."""
     if attention_mask is None:
         return input_ids, torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor shaped as input_ids, got {type(attention_mask).__name__}")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
                          f"input_ids {tuple(input_ids.shape)}")
-    keep = attention_mask.to(device=input_ids.device) != 0
+    mask = attention_mask.to(device=input_ids.device)
+    if mask.dtype != torch.bool:
+        bad = (mask != 0) & (mask != 1)  # NaN too
+        if bool(bad.any()):
+            row, col = bad.nonzero()[0].tolist()
+            raise ValueError(f"attention_mask must hold only 0 and 1, got {mask[row, col].item()!r} "
+                             f"at row {row}, column {col}")
+    keep = mask != 0
     lengths = keep.sum(dim=1)
     if bool((lengths == 0).any()):
         row = int((lengths == 0).nonzero()[0])
@@ -70,6 +87,7 @@ class Decoder:
         self._decode_step = torch.compile(GPT2.decode_step, fullgraph=True) if self.mode == "compile" \
             else GPT2.decode_step
         self.key: tuple = ()  # set by decoder_for
+        self.busy = False  # a live generation holds it (see `_held_decoder`): no other may use it
         self._graph = None
         self._warm = False  # a step has run eagerly: kernels compiled, as capture needs (CUDA graph modes)
         # Steps the host's eos check may lag behind (see `tokens`); on the CPU every step runs before the
@@ -130,8 +148,9 @@ class Decoder:
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:  # torch's default generator is registered with every graph already
             graph.register_generator_state(self.generator)
-        with torch.cuda.graph(graph, stream=self._capture_stream):  # records one step's kernels; none runs now
-            self._step()
+        # One capture at a time; thread_local: another thread's generation (its event waits) may go on meanwhile.
+        with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=self._capture_stream, capture_error_mode="thread_local"):
+            self._step()  # records one step's kernels; none runs now
         self._graph = graph
 
     def tokens(self, n: int) -> Iterator[torch.Tensor]:
@@ -189,17 +208,22 @@ def _decoder_key(model, batch, capacity, temperature, top_k, top_p, eos, seeded,
     return batch, capacity, temperature, top_k, top_p, eos, seeded, mode, backends, weights
 
 
-# Each model's last decoder, kept for the next generation; dropped with the model.
+# Each model's newest decoder, kept for the next generation; dropped with the model.
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Each model's live generations: [how many, whether the model was in training mode before the first].
+_LIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()  # guards both, so that two threads never take the same decoder
+_CAPTURE_LOCK = threading.Lock()
 
 
 def decoder_for(model: GPT2, batch: int, capacity: int, *, temperature: float, top_k: int | None,
                 top_p: float | None, eos_token_id: int | None, seeded: bool, mode: str) -> Decoder:
-    """The model's last decoder if it matches, else a new one (which replaces it: one set of buffers per model)."""
+    """The model's kept decoder if it matches and no generation holds it, else a new one, which the model
+    keeps instead (a held one stays with its generation until that ends)."""
     mode = _resolved_mode(mode, model.device)
     key = _decoder_key(model, batch, capacity, temperature, top_k, top_p, eos_token_id, seeded, mode)
     decoder = _DECODERS.get(model)
-    if decoder is None or decoder.key != key:
+    if decoder is None or decoder.key != key or decoder.busy:
         release_decoder(model)  # free the old buffers (and graph) before allocating new ones
         decoder = Decoder(model, batch, capacity, temperature=temperature, top_k=top_k, top_p=top_p,
                           eos_token_id=eos_token_id, seeded=seeded, mode=mode)
@@ -214,11 +238,40 @@ def release_decoder(model: GPT2) -> None:
     _DECODERS.pop(model, None)
 
 
+@contextlib.contextmanager
+def _held_decoder(model: GPT2, batch: int, capacity: int, **settings) -> Iterator[Decoder]:
+    """A decoder held by one generation until it ends, with the model in eval mode (no dropout) meanwhile:
+    the first live generation switches it, the last one puts back the mode it found."""
+    with _LOCK:
+        decoder = decoder_for(model, batch, capacity, **settings)
+        decoder.busy = True
+        live = _LIVE.setdefault(model, [0, model.training])
+        live[0] += 1
+        model.eval()
+    try:
+        yield decoder
+    finally:
+        with _LOCK:
+            decoder.busy = False
+            live[0] -= 1
+            if live[0] == 0:
+                del _LIVE[model]
+                model.train(live[1])
+
+
 def _capacity(prompt: int, max_new_tokens: int, n_positions: int) -> int:
     """KV cache positions for a generation: the last step's token is never fed back, so prompt + new - 1,
     rounded up to a multiple of 256 (within the context) so that generations of similar lengths share
     one decoder and its graph."""
     return min(n_positions, -(-(prompt + max_new_tokens - 1) // 256) * 256)
+
+
+def _checked_int(name: str, value, low: int, high: int | None) -> int:
+    n = ops.as_number(value, integral=True)
+    if n is None or n < low or (high is not None and n > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {bounds}, got {value!r}")
+    return n
 
 
 @torch.inference_mode()
@@ -233,14 +286,16 @@ def stream(model: GPT2, input_ids: torch.Tensor, max_new_tokens: int, *, do_samp
     decode steps run (see `Decoder`): "graph" (CUDA graphs), "compile", "eager", or "auto" (graph on
     CUDA, eager elsewhere).
     """
-    if not do_sample:
-        temperature = 0.0
-    ops.check_sampling_params(temperature, top_k, top_p)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [B, T] with T >= 1, got shape {tuple(input_ids.shape)}")
+    if not isinstance(do_sample, (bool, np.bool_)):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    temperature, top_k, top_p = ops.sampling_params(temperature if do_sample else 0.0, top_k, top_p)
+    max_new_tokens = _checked_int("max_new_tokens", max_new_tokens, 0, None)
+    seed = None if seed is None else _checked_int("seed", seed, -2**63, 2**64 - 1)  # what torch's generators take
+    if eos_token_id is not None:
+        eos_token_id = _checked_int("eos_token_id", eos_token_id, 0, model.config.vocab_size - 1)
     model.check_input_ids(input_ids)
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [B, T] with T >= 1, got shape {tuple(input_ids.shape)}")
     ids, lengths = pack_prompts(input_ids, attention_mask)
     total = ids.shape[1] + max_new_tokens
     if total > model.config.n_positions:
@@ -248,16 +303,11 @@ def stream(model: GPT2, input_ids: torch.Tensor, max_new_tokens: int, *, do_samp
                          f"than the context, n_positions = {model.config.n_positions}")
     if max_new_tokens == 0:
         return
-    was_training = model.training
-    model.eval()  # no dropout while generating, even from a model in the middle of training
-    try:
-        decoder = decoder_for(model, ids.shape[0], _capacity(ids.shape[1], max_new_tokens, model.config.n_positions),
-                              temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                              seeded=seed is not None, mode=decode)
+    capacity = _capacity(ids.shape[1], max_new_tokens, model.config.n_positions)
+    with _held_decoder(model, ids.shape[0], capacity, temperature=temperature, top_k=top_k, top_p=top_p,
+                       eos_token_id=eos_token_id, seeded=seed is not None, mode=decode) as decoder:
         decoder.start(ids, lengths, seed)
         yield from decoder.tokens(max_new_tokens)
-    finally:
-        model.train(was_training)
 
 
 def generate(model: GPT2, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

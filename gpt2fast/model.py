@@ -168,6 +168,9 @@ class GPT2(nn.Module):
         return self.wte.weight.dtype
 
     def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a tensor [B, T] of token ids, got {type(input_ids).__name__} "
+                            f"(a list of ids: torch.tensor([ids]))")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int32, torch.int64):

@@ -236,3 +236,147 @@ def test_bad_prompts_are_refused(model):
         model.generate(torch.zeros(2, 0, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model.generate(torch.tensor([[V]]), 3)
+
+
+@pytest.mark.parametrize("value", [2, -1, 0.5, float("nan")])
+def test_attention_mask_values_other_than_0_and_1_are_refused(model, value):
+    ids = random_ids(V, 2, 4)
+    mask = torch.ones(2, 4)
+    mask[1, 2] = value
+    with pytest.raises(ValueError, match=rf"attention_mask must hold only 0 and 1, got {float(value)!r} at row 1, "
+                                         rf"column 2"):
+        model.generate(ids, 3, attention_mask=mask)
+
+
+def test_a_boolean_or_integer_attention_mask_is_taken(model):
+    ids = random_ids(V, 2, 5, seed=90)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    expected = model.generate(ids, 4, do_sample=False, attention_mask=mask.float())
+    assert torch.equal(model.generate(ids, 4, do_sample=False, attention_mask=mask.bool()), expected)
+    assert torch.equal(model.generate(ids, 4, do_sample=False, attention_mask=mask), expected)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(eos_token_id=V), rf"eos_token_id must be an int in \[0, {V - 1}\], got {V}"),
+    (dict(eos_token_id=-1), rf"eos_token_id must be an int in \[0, {V - 1}\], got -1"),
+    (dict(eos_token_id=True), r"eos_token_id must be an int .*got True"),
+    (dict(eos_token_id=3.0), r"eos_token_id must be an int .*got 3.0"),
+    (dict(temperature=True), r"temperature must be a finite number >= 0, got True"),
+    (dict(temperature="1"), r"temperature must be a finite number >= 0, got '1'"),
+    (dict(temperature=torch.tensor([1.0])), r"temperature must be a finite number >= 0"),
+    (dict(top_k=torch.tensor(2.0)), r"top_k must be an int >= 0"),
+    (dict(top_p=torch.tensor(True)), r"top_p must be in \(0, 1\]"),
+    (dict(do_sample="no"), r"do_sample must be True or False, got 'no'"),
+    (dict(seed=1.5), r"seed must be an int"),
+    (dict(seed=2**64), r"seed must be an int"),
+], ids=str)
+def test_bad_generation_arguments_are_named(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        model.generate(random_ids(V, 1, 3), 4, **kwargs)
+
+
+@pytest.mark.parametrize("max_new_tokens", [True, False, 2.0, "3"])
+def test_max_new_tokens_must_be_an_int_not_a_bool(model, max_new_tokens):
+    with pytest.raises(ValueError, match=rf"max_new_tokens must be an int >= 0, got {max_new_tokens!r}"):
+        model.generate(random_ids(V, 1, 3), max_new_tokens)
+
+
+def test_numpy_scalars_and_0d_tensors_are_taken_as_numbers(model):
+    np = pytest.importorskip("numpy")
+    ids = random_ids(V, 2, 4, seed=91)
+    expected = model.generate(ids, 6, temperature=0.75, top_k=20, top_p=0.875, seed=4)
+    for real, integer in ((np.float32, np.int64), (np.float64, np.int32), (torch.tensor, torch.tensor)):
+        out = model.generate(ids, integer(6), temperature=real(0.75), top_k=integer(20), top_p=real(0.875),
+                             seed=integer(4))
+        assert torch.equal(out, expected), real
+
+
+@pytest.mark.parametrize("call", [lambda m: m([[1, 2, 3]]), lambda m: m.generate([[1, 2, 3]], 2),
+                                  lambda m: next(m.stream((1, 2, 3), 2))], ids=["forward", "generate", "stream"])
+def test_a_list_of_ids_is_refused_by_type(model, call):
+    with pytest.raises(TypeError, match=r"input_ids must be a tensor \[B, T\] of token ids, got (list|tuple) "
+                                        r"\(a list of ids: torch.tensor\(\[ids\]\)\)"):
+        call(model)
+
+
+def test_an_attention_mask_that_is_not_a_tensor_is_refused_by_type(model):
+    with pytest.raises(TypeError, match="attention_mask must be a tensor shaped as input_ids, got list"):
+        model.generate(random_ids(V, 1, 3), 2, attention_mask=[[1, 1, 1]])
+
+
+# ---- one model, several generations at once ----
+
+@torch.no_grad()
+def greedy_recomputed(model, prompt: torch.Tensor, new: int) -> list[int]:
+    """The greedy continuation of prompt [1, T], each token from the whole sequence recomputed without a cache."""
+    seq = prompt
+    for _ in range(new):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[0, prompt.shape[1]:].tolist()
+
+
+def test_interleaved_streams_with_the_same_settings_keep_their_own_cache(model):
+    a_ids, b_ids = random_ids(V, 1, 5, seed=92), random_ids(V, 1, 5, seed=93)
+    a, b = model.stream(a_ids, 12, do_sample=False), model.stream(b_ids, 12, do_sample=False)
+    got_a, got_b = [], []
+    for ta, tb in zip(a, b):
+        got_a.append(int(ta))
+        got_b.append(int(tb))
+    assert got_a == greedy_recomputed(model, a_ids, 12)
+    assert got_b == greedy_recomputed(model, b_ids, 12)
+
+
+def test_a_stream_started_inside_another_does_not_disturb_it(model):
+    outer_ids, inner_ids = random_ids(V, 1, 6, seed=94), random_ids(V, 1, 3, seed=95)
+    outer = model.stream(outer_ids, 10, do_sample=False)
+    got = [int(next(outer)) for _ in range(4)]
+    inner = model.generate(inner_ids, 10, do_sample=False)  # same settings: would take the kept decoder
+    got += [int(t) for t in outer]
+    assert got == greedy_recomputed(model, outer_ids, 10)
+    assert inner[0, 3:].tolist() == greedy_recomputed(model, inner_ids, 10)
+
+
+def test_generations_from_several_threads_match_each_alone(model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [random_ids(V, 2, 4, seed=100 + i) for i in range(4)]
+    alone = [model.generate(p, 16, top_p=0.9, seed=i) for i, p in enumerate(prompts)]
+
+    def run(i):
+        return [model.generate(prompts[i], 16, top_p=0.9, seed=i) for _ in range(3)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(4)))
+    for i, outs in enumerate(results):
+        assert all(torch.equal(out, alone[i]) for out in outs), i
+
+
+def test_set_backend_holds_for_a_seeded_generation_in_a_worker_thread(model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gpt2fast
+
+    ids = random_ids(V, 2, 4, seed=110)
+    before = gpt2fast.get_backend()
+    gpt2fast.set_backend("torch")
+    try:
+        here = model.generate(ids, 12, seed=3)
+        with ThreadPoolExecutor(1) as pool:
+            there = pool.submit(lambda: (gpt2fast.get_backend(), model.generate(ids, 12, seed=3))).result()
+    finally:
+        gpt2fast.set_backend(before)
+    assert there[0] == "torch" and torch.equal(there[1], here)
+
+
+def test_training_mode_comes_back_after_the_last_of_interleaved_streams(model):
+    model.train()
+    try:
+        a, b = model.stream(random_ids(V, 1, 3), 4, do_sample=False), model.stream(random_ids(V, 1, 3), 6,
+                                                                                  do_sample=False)
+        next(a), next(b)
+        list(a)
+        assert not model.training  # b still runs: no dropout for it
+        list(b)
+        assert model.training
+    finally:
+        model.eval()

@@ -7,7 +7,9 @@ picks (see `registry.py`).
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 
 from . import reference  # noqa: F401  (registers the reference backend)
@@ -160,13 +162,29 @@ def gelu_mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor, w_proj: to
     return _dispatch("gelu_mlp", x.device, x, w_fc, b_fc, w_proj, b_proj)
 
 
-def check_sampling_params(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
+def as_number(value, integral: bool) -> int | float | None:
+    """value as a Python int (integral) or float, or None where it is not one. Python and numpy numbers and
+    0-d tensors are taken; a bool, which Python counts as an int, is a mistake in a numeric parameter."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool and \
+            not value.is_complex() and not (integral and value.is_floating_point()):
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral if integral else numbers.Real):
+        return None
+    return int(value) if integral else float(value)
+
+
+def sampling_params(temperature, top_k, top_p) -> tuple[float, int | None, float | None]:
+    """The sampling parameters, checked, as Python numbers (numpy scalars and 0-d tensors are taken)."""
+    t = as_number(temperature, integral=False)
+    if t is None or not 0 <= t < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+    k = None if top_k is None else as_number(top_k, integral=True)
+    if top_k is not None and (k is None or k < 0):
         raise ValueError(f"top_k must be an int >= 0 (0 or None: no top-k), got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    p = None if top_p is None else as_number(top_p, integral=False)
+    if top_p is not None and (p is None or not 0 < p <= 1):
         raise ValueError(f"top_p must be in (0, 1] (1 or None: no top-p), got {top_p!r}")
+    return t, k, p
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -177,7 +195,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     top-p (keeping at least one token). temperature 0 is greedy (argmax, lowest id on ties). A row
     with +inf logits draws evenly among its +inf entries.
     """
-    check_sampling_params(temperature, top_k, top_p)
+    temperature, top_k, top_p = sampling_params(temperature, top_k, top_p)
     if logits.dim() != 2 or logits.shape[-1] == 0:
         raise ValueError(f"sample: logits must be [B, V] with V >= 1, got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
