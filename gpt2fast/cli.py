@@ -16,6 +16,7 @@ import torch
 from . import ops
 from .config import PRESETS, GPT2Config
 from .data import default_data_dir
+from .distributed import resolve_device
 from .env_info import environment
 from .model import GPT2
 from .ops import registry
@@ -74,8 +75,13 @@ def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
 
 
 def cmd_generate(args) -> None:
-    ops.set_backend(args.backend)
-    model, folder = load_model(args.model, args.random_weights, DTYPES[args.dtype], args.device)
+    with ops.use_backend(args.backend):
+        generate_text(args)
+
+
+def generate_text(args) -> None:
+    device = resolve_device(args.device)
+    model, folder = load_model(args.model, args.random_weights, DTYPES[args.dtype], device)
     tokenizer = load_tokenizer(folder, args.tokenizer)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -256,8 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise SystemExit(f"gpt2fast {args.command}: error: {e}") from None
     except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as Python's docs advise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(1) from None
+    except (ValueError, KeyError, OSError) as e:  # OSError: a path that is missing, a folder, not writable...
+        raise SystemExit(f"gpt2fast {args.command}: error: {e}") from None

@@ -14,9 +14,20 @@ import torch.distributed as dist
 
 
 def resolve_device(device: str) -> str:
-    """"auto": CUDA when there is a GPU, else the CPU."""
+    """"auto": CUDA when there is a GPU, else the CPU; any other name is checked: a device torch knows, and,
+    for CUDA, one this machine has."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device name torch knows ({e})") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this torch sees no CUDA device (torch.cuda.is_available() "
+                             f"is False); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
     return device
 
 

@@ -1,6 +1,7 @@
 """`python -m gpt2fast`: generate (streamed), backends, bigram, train (flags, presets, the record), and its errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -89,6 +90,57 @@ def test_generate_errors_are_clear(argv, message, monkeypatch):
 def test_bad_sampling_parameter_is_named(hf_folder):
     with pytest.raises(SystemExit, match="top_p must be in"):
         main(["generate", "--model", str(hf_folder), "--top-p", "1.5", "--tokenizer", str(VOCAB)])
+
+
+@pytest.mark.parametrize("device, message", [
+    ("bogus", r"device 'bogus' is not a device name torch knows"),
+    ("cuda", r"device 'cuda': this torch sees no CUDA device"),
+    ("cuda:7", r"device 'cuda:7': this torch sees no CUDA device"),
+])
+@pytest.mark.parametrize("command", ["generate", "train"])
+def test_a_device_this_machine_lacks_is_named(command, device, message, tmp_path):
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        pytest.skip("this machine has a CUDA device")
+    argv = {"generate": ["generate", "--model", "char", "--random-weights"],
+            "train": ["train", "--out-dir", str(tmp_path / "run"), "--max-iters", "1"]}[command]
+    with pytest.raises(SystemExit, match=f"^gpt2fast {command}: error: {message}"):
+        main(argv + ["--device", device])
+
+
+def run_cli(argv, timeout, **kwargs):
+    return subprocess.run([sys.executable, "-m", "gpt2fast", *argv], capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
+
+
+@needs_vocab
+@pytest.mark.parametrize("top_p", ["1e-300", "1e-50", "1e-46"])
+def test_top_p_below_fp32_range_ends_and_keeps_only_the_top_token(hf_folder, top_p):
+    """Such a top_p rounds to 0 in fp32; the nucleus is then the top token alone, as greedy decoding picks."""
+    argv = ["generate", "--model", str(hf_folder), "--tokenizer", str(VOCAB), "--prompt", "Hi", "--max-new-tokens",
+            "16"]
+    sampled = run_cli(argv + ["--top-p", top_p, "--seed", "1"], timeout=300)
+    greedy = run_cli(argv + ["--temperature", "0"], timeout=300)
+    assert sampled.returncode == 0 and greedy.returncode == 0, sampled.stderr + greedy.stderr
+    assert sampled.stdout == greedy.stdout
+
+
+def test_ctrl_c_stops_generation_with_a_tiny_top_p(tmp_path):
+    """SIGINT reaches Python while generations with a top_p that rounds to 0 in fp32 run back to back."""
+    code = ("import sys, torch\n"
+            "from gpt2fast import GPT2, GPT2Config\n"
+            "model = GPT2(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=1, n_head=2)).eval()\n"
+            "ids = torch.randint(50257, (4, 3), generator=torch.Generator().manual_seed(0))\n"
+            "while True:\n"
+            "    model.generate(ids, 60, top_p=1e-300, seed=0)\n"
+            "    print('generated', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "generated\n", proc.stderr.read() if proc.poll() is not None else ""
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
 
 
 @pytest.mark.skipif(not (default_data_dir() / "tinyshakespeare.txt").exists(), reason="tiny Shakespeare not found")
