@@ -159,6 +159,16 @@ def test_top_p_keeps_at_least_the_top_token(backend, device):
     assert set(ids.tolist()) == {int(logits.argmax())}
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in divide:RuntimeWarning")  # triton's interpreter: -inf, as wanted
+@pytest.mark.parametrize("temperature", [1e-300, 1e-46, 1e-40])
+def test_a_temperature_below_fp32_range_is_greedy(backend, device, temperature):
+    """1e-46 rounds to 0 in fp32, where the top score would be 0 / 0; 1e-40 is an fp32 subnormal."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(9)).to(device)
+    with gpt2fast.use_backend(backend):
+        ids = ops.sample(logits, temperature=temperature, generator=torch.Generator(device=device).manual_seed(1))
+    assert torch.equal(ids, logits.argmax(dim=-1))
+
+
 # 1e-46 and smaller round to 0 in fp32, where a sampler's acceptance test `above < top_p * Z` never holds:
 # each backend must still end, with the top token.
 @pytest.mark.parametrize("top_p", [1e-300, 1e-50, 1e-46, 1e-45, 1e-38])

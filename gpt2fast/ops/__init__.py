@@ -178,6 +178,8 @@ def sampling_params(temperature, top_k, top_p) -> tuple[float, int | None, float
     t = as_number(temperature, integral=False)
     if t is None or not 0 <= t < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if np.float32(t) == 0:
+        t = 0.0  # below fp32's range the scores' 0 / 0 would be NaN; sampling's limit as t -> 0 is greedy
     k = None if top_k is None else as_number(top_k, integral=True)
     if top_k is not None and (k is None or k < 0):
         raise ValueError(f"top_k must be an int >= 0 (0 or None: no top-k), got {top_k!r}")
