@@ -18,8 +18,9 @@ does the same work in Rust and gives identical ids.
 from __future__ import annotations
 
 import functools
+import heapq
 import operator
-from collections.abc import Iterable, Set
+from collections.abc import Iterable, Iterator, Set
 
 import regex
 
@@ -29,6 +30,9 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 
 # Distinct words kept in the cache; a bound keeps memory flat on endless streams.
 _CACHE_LIMIT = 200_000
+
+# Marks a byte offset where no part starts any more, in bpe_merge's linked list of parts.
+_NO_PART = -1
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -50,18 +54,48 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def bpe_merge(word: bytes, ranks: dict[bytes, int]) -> list[int]:
-    """Encode one pre-token: merge its lowest-rank adjacent pair until none is left."""
-    parts = [word[i : i + 1] for i in range(len(word))]
-    while len(parts) > 1:
-        best_rank, best_i = None, -1
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and (best_rank is None or rank < best_rank):
-                best_rank, best_i = rank, i
-        if best_rank is None:
-            break
-        parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-    return [ranks[part] for part in parts]
+    """Encode one pre-token: merge its lowest-rank adjacent pair until none is left.
+
+    Ties go to the leftmost pair, as in tiktoken. Rescanning the word for the best pair after
+    every merge costs O(n^2) (minutes for a 100k-letter word), so the candidate pairs wait in a
+    heap keyed by (rank, start) and the parts form a linked list: O(n log n) in all. A merge
+    retires the pairs on either side of it; they stay in the heap and are skipped when popped.
+    """
+    whole = ranks.get(word)
+    if whole is not None:  # tiktoken takes a known word as one token without merging
+        return [whole]
+    n = len(word)
+    # end[i]: where the part starting at byte i ends, or _NO_PART. end[n] is there so that
+    # end[end[i]] needs no bounds check when part i is the last one.
+    end = [*range(1, n + 1), _NO_PART]
+    prev = list(range(-1, n - 1))  # prev[i]: where the part before part i starts
+    heap = [(rank, i, i + 2) for i in range(n - 1) if (rank := ranks.get(word[i : i + 2])) is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, start, stop = heapq.heappop(heap)
+        mid = end[start]
+        if mid == _NO_PART or end[mid] != stop:
+            continue  # one side of the pair was merged with something else since it was pushed
+        end[start], end[mid] = stop, _NO_PART
+        if stop < n:
+            prev[stop] = start
+            _push_pair(heap, word, ranks, start, end[stop])
+        if start > 0:
+            _push_pair(heap, word, ranks, prev[start], stop)
+    return [ranks[word[i : end[i]]] for i in _part_starts(end)]
+
+
+def _push_pair(heap: list[tuple[int, int, int]], word: bytes, ranks: dict[bytes, int], start: int, stop: int) -> None:
+    rank = ranks.get(word[start:stop])
+    if rank is not None:
+        heapq.heappush(heap, (rank, start, stop))
+
+
+def _part_starts(end: list[int]) -> Iterator[int]:
+    i = 0
+    while i < len(end) - 1:
+        yield i
+        i = end[i]
 
 
 def replace_surrogates(text: str) -> str:

@@ -11,10 +11,13 @@ and turns it into mergeable ranks (token bytes -> id), which both engines use.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import logging
 import operator
-from collections.abc import Collection, Iterable
+import re
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +36,8 @@ AllowedSpecial = Literal["all"] | Collection[str]
 Vocabulary = tuple[dict[bytes, int], dict[str, int]]  # mergeable ranks, special tokens
 # (vocab, merges) file pairs: Hugging Face names first, then OpenAI's original ones.
 _PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
+# The byte that each character of a byte-level vocab token stands for.
+_BYTE_OF = {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 class Tokenizer:
@@ -180,71 +185,176 @@ def _read_pair(folder: Path, vocab_name: str, merges_name: str) -> Vocabulary:
     for file in (vocab_file, merges_file):
         if not file.is_file():
             raise FileNotFoundError(f"{file} is missing: {vocab_name} and {merges_name} go together")
-    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
-    return ranks_from_vocab_and_merges(vocab, _read_merges(merges_file), source=str(folder))
+    vocab = _read_json(vocab_file)
+    _check_vocab(vocab, vocab_file)
+    return ranks_from_vocab_and_merges(vocab, _read_merges(merges_file), source=str(merges_file))
 
 
 def _read_tiktoken(file: Path) -> Vocabulary:
     ranks: dict[bytes, int] = {}
+    line_of: dict[bytes, int] = {}
     for lineno, line in enumerate(file.read_bytes().splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except ValueError as err:  # binascii.Error is a ValueError too
-            raise ValueError(f"{file}:{lineno}: expected 'base64(token bytes) rank', got {line[:60]!r}") from err
+        token, rank = _parse_rank_line(line, f"{file}:{lineno}")
+        if token in ranks:
+            raise ValueError(f"{file}:{lineno}: token {token!r} is already on line {line_of[token]}")
+        ranks[token], line_of[token] = rank, lineno
     if not ranks:
         raise ValueError(f"{file} holds no ranks")
+    _check_ids(ranks, str(file), "rank", show=lambda token: f"{token!r} (line {line_of[token]})")
+    missing = [bytes([byte]) for byte in range(256) if bytes([byte]) not in ranks]
+    if missing:
+        raise ValueError(f"{file}: no token for the byte {missing[0]!r} ({len(missing)} of the 256 bytes lack one)")
     # The special token is not stored in the file; GPT-2 puts it right after the ranks.
     return ranks, {ENDOFTEXT: len(ranks)}
 
 
+def _parse_rank_line(line: bytes, where: str) -> tuple[bytes, int]:
+    fields = line.split()
+    # A minus sign parses, so that a negative rank is refused as a rank rather than as garbage.
+    if len(fields) != 2 or not re.fullmatch(rb"-?[0-9]+", fields[1]):
+        raise ValueError(f"{where}: expected 'base64(token bytes) rank', got {line[:60]!r}")
+    try:
+        token = base64.b64decode(fields[0], validate=True)
+    except binascii.Error as err:
+        raise ValueError(f"{where}: {fields[0][:60]!r} is not base64 ({err})") from err
+    return token, int(fields[1])
+
+
 def _read_tokenizer_json(file: Path) -> Vocabulary:
-    model = json.loads(file.read_text(encoding="utf-8")).get("model", {})
-    if model.get("type", "BPE") != "BPE" or "vocab" not in model or "merges" not in model:
+    data = _read_json(file)
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or not isinstance(model.get("merges"), list):
         raise ValueError(f"{file} does not describe a BPE model with 'model.vocab' and 'model.merges'")
-    # Newer tokenizers files store each merge as a [left, right] list, older ones as "left right".
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    _check_vocab(model.get("vocab"), file)
+    merges = [_merge_parts(merge, f"{file}: model.merges[{i}]") for i, merge in enumerate(model["merges"])]
     return ranks_from_vocab_and_merges(model["vocab"], merges, source=str(file))
 
 
-def _read_merges(file: Path) -> list[tuple[str, ...]]:
-    lines = file.read_text(encoding="utf-8").splitlines()
+def _read_merges(file: Path) -> list[tuple[str, str]]:
+    lines = _read_text(file).splitlines()
     # Both merges.txt and vocab.bpe start with a "#version: ..." header.
-    return [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    merges = [(n, line) for n, line in enumerate(lines, 1) if line and not line.startswith("#version")]
+    return [_merge_parts(line, f"{file}:{n}") for n, line in merges]
+
+
+def _merge_parts(merge: Any, where: str) -> tuple[str, str]:
+    # Newer tokenizer.json files store each merge as a [left, right] list; merges files and older ones as "left right".
+    parts = merge.split(" ") if isinstance(merge, str) else merge
+    if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(part, str) and part for part in parts):
+        raise ValueError(f"{where}: expected a merge 'left right', got {merge!r:.60}")
+    return parts[0], parts[1]
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not UTF-8 text: {err}") from err
+
+
+def _read_json(file: Path) -> Any:
+    text = _read_text(file)
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except ValueError as err:  # json.JSONDecodeError is a ValueError too
+        raise ValueError(f"{file}: {err}") from err
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of repeated keys silently, which would drop a token from a vocab.
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        repeated = next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+        raise ValueError(f"duplicate key {_show_token(repeated)}")
+    return obj
+
+
+def _check_vocab(vocab: Any, file: Path) -> None:
+    """Refuse a vocab that is not token -> id with ids 0..n-1, or that lacks a byte's token."""
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{file}: expected a JSON object of token -> id, got {type(vocab).__name__}")
+    _check_ids(vocab, str(file), "id", show=_show_token)
+    for byte, char in bytes_to_unicode().items():
+        if char not in vocab:
+            raise ValueError(f"{file}: no token for the byte {bytes([byte])!r} (spelled {char!r})")
+
+
+def _check_ids(ids: dict[Any, Any], source: str, noun: str, show: Callable[[Any], str]) -> None:
+    """Refuse ids other than 0..len(ids)-1, each once: a clash or a hole makes the vocabulary size a lie."""
+    for token, i in ids.items():
+        if type(i) is not int:  # bool is an int subclass, but no id
+            raise ValueError(f"{source}: token {show(token)} has {noun} {i!r}, not an integer")
+    owner: dict[int, Any] = {}
+    n = len(ids)
+    for token, i in ids.items():
+        if not 0 <= i < n:
+            hole = min(set(range(n)) - set(ids.values()))
+            raise ValueError(
+                f"{source}: token {show(token)} has {noun} {i}, but {n} tokens need {noun}s 0..{n - 1}"
+                f" ({noun} {hole} is missing)"
+            )
+        if i in owner:
+            raise ValueError(f"{source}: tokens {show(owner[i])} and {show(token)} both have {noun} {i}")
+        owner[i] = token
 
 
 def ranks_from_vocab_and_merges(vocab: dict[str, int], merges: list[tuple[str, ...]], source: str) -> Vocabulary:
     """Turn a byte-level vocab (unicode token -> id) and its ordered merges into mergeable ranks.
 
     The vocab spells bytes through GPT-2's :func:`bytes_to_unicode` map. The ranks are the
-    vocab ids, so merge priority must follow id order; both engines rely on that.
+    vocab ids, so merge priority must follow id order; both engines rely on that. The readers
+    check the vocab on its own first (ids 0..n-1, every byte); here each merge must join two
+    vocab tokens into a new one, and every vocab token but "<|endoftext|>" must come out as a rank.
     """
-    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
-
-    def to_bytes(token: str) -> bytes:
-        try:
-            return bytes(byte_of[char] for char in token)
-        except KeyError as err:
-            raise ValueError(f"{source}: token {token!r} is not byte-level BPE text") from err
-
-    def id_of(token: str) -> int:
-        if token not in vocab:
-            raise ValueError(f"{source}: token {token!r} is missing from the vocab")
-        return vocab[token]
-
-    ranks = {bytes([byte]): id_of(char) for byte, char in bytes_to_unicode().items()}
+    ranks = {bytes([byte]): vocab[char] for byte, char in bytes_to_unicode().items()}
     previous = -1
-    for merge in merges:
-        if len(merge) != 2:
-            raise ValueError(f"{source}: a merge must have two parts, got {merge!r}")
-        merged = merge[0] + merge[1]
-        rank = id_of(merged)
+    for number, (left, right) in enumerate(merges, 1):
+        where = f"{source}: merge {number} ({left} {right})"
+        token = _merged_token(vocab, left, right, where)
+        if token in ranks:
+            raise ValueError(f"{where} makes {_show_token(left + right)} a second time")
+        rank = vocab[left + right]
         if rank <= previous:
-            raise ValueError(f"{source}: merge {merge!r} has id {rank}, not above the previous merge's {previous}")
-        ranks[to_bytes(merged)] = previous = rank
+            raise ValueError(f"{where} has id {rank}, not above the previous merge's {previous}")
+        ranks[token] = previous = rank
+    made = set(ranks.values())
+    stray = next((token for token, i in vocab.items() if i not in made and token != ENDOFTEXT), None)
+    if stray is not None:
+        raise ValueError(
+            f"{source}: vocab token {_show_token(stray)} (id {vocab[stray]}) is neither a byte nor made by a merge"
+        )
     return ranks, {ENDOFTEXT: vocab.get(ENDOFTEXT, len(ranks))}
+
+
+def _merged_token(vocab: dict[str, int], left: str, right: str, where: str) -> bytes:
+    """The bytes that a merge makes, after checking that it joins vocab tokens into a vocab token."""
+    for part in (left, right):
+        if part not in vocab:
+            raise ValueError(f"{where} names {_show_token(part)}, which is not in the vocab")
+    if left + right not in vocab:
+        raise ValueError(f"{where} makes {_show_token(left + right)}, which is not in the vocab")
+    token = _byte_level_bytes(left + right)
+    if token is None:
+        raise ValueError(f"{where}: {left + right!r} is not byte-level BPE text")
+    return token
+
+
+def _byte_level_bytes(token: str) -> bytes | None:
+    """The bytes that a vocab token spells through bytes_to_unicode, or None if it is not such a spelling."""
+    try:
+        return bytes(_BYTE_OF[char] for char in token)
+    except KeyError:
+        return None
+
+
+def _show_token(token: str) -> str:
+    """A vocab token as spelled in its file, with its bytes where the spelling hides them: 'Ġthe' (b' the')."""
+    data = _byte_level_bytes(token)
+    if data is None or data == token.encode("utf-8"):
+        return repr(token)
+    return f"{token!r} ({data!r})"
 
 
 # --- char-level ----------------------------------------------------------------------------
