@@ -1,8 +1,11 @@
 """Hugging Face GPT-2 checkpoints in and out: folders, hub names, live `transformers` models."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -16,6 +19,9 @@ log = logging.getLogger("gpt2fast")
 # Buffers some checkpoints carry (the causal mask, a -1e4 constant): derived, never weights.
 IGNORED = (".attn.bias", ".attn.masked_bias")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+REQUIRED_CONFIG_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+# Weights in these dtypes are cast to the model's; any other (an integer, a bool, a float8) is refused.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def config_from_hf(hf: dict) -> GPT2Config:
@@ -34,12 +40,13 @@ def config_from_hf(hf: dict) -> GPT2Config:
     for flag, (ok, why) in refusals.items():
         if not ok:
             raise ValueError(f"unsupported GPT-2 config: {flag}={hf.get(flag)!r}: {why}")
-    eos = hf.get("eos_token_id", 50256)  # random test configs often keep 50256 with a smaller vocabulary
     # reorder_and_upcast_attn only changes precision; every backend already computes softmax in fp32.
-    return GPT2Config(vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_embd=hf["n_embd"],
-                      n_layer=hf["n_layer"], n_head=hf["n_head"], n_inner=hf.get("n_inner"),
-                      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-                      eos_token_id=eos if isinstance(eos, int) and 0 <= eos < hf["vocab_size"] else None)
+    config = GPT2Config(vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_embd=hf["n_embd"],
+                        n_layer=hf["n_layer"], n_head=hf["n_head"], n_inner=hf.get("n_inner"),
+                        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), eos_token_id=None)
+    eos = hf.get("eos_token_id", 50256)  # random test configs often keep 50256 with a smaller vocabulary
+    return dataclasses.replace(config, eos_token_id=eos if isinstance(eos, int) and 0 <= eos < config.vocab_size
+                               else None)
 
 
 def config_to_hf(config: GPT2Config) -> dict:
@@ -54,32 +61,63 @@ def config_to_hf(config: GPT2Config) -> dict:
     }
 
 
-def _from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF tensor names -> ours. Accepts GPT2LMHeadModel ("transformer." prefix) and GPT2Model keys.
+def _from_hf_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """HF tensor names -> ours. Accepts GPT2LMHeadModel ("transformer." prefix) and GPT2Model keys, not both.
 
-    lm_head.weight is dropped: the head is tied to wte (load_hf_state_dict checks they are equal)."""
-    return {name.removeprefix("transformer."): tensor for name, tensor in state.items()
-            if name != "lm_head.weight" and not name.endswith(IGNORED)}
+    lm_head.weight is dropped: the head is tied to wte, so it must equal wte.weight."""
+    incoming, hf_names = {}, {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight" or name.endswith(IGNORED):
+            continue
+        ours = name.removeprefix("transformer.")
+        if ours in hf_names:
+            raise ValueError(f"{source} holds both {hf_names[ours]} and {name}; which one to load is ambiguous")
+        incoming[ours], hf_names[ours] = tensor, name
+    lm_head, wte = state.get("lm_head.weight"), incoming.get("wte.weight")
+    if lm_head is not None and wte is not None and not torch.equal(lm_head, wte):
+        raise ValueError(f"{source}: lm_head.weight differs from wte.weight; an untied LM head is not supported")
+    return incoming
+
+
+def _check_tensors(expected: dict[str, tuple[int, ...]], incoming: dict[str, torch.Tensor], source: str) -> None:
+    """Names every missing, unexpected or mis-shaped tensor, given the expected shape of each."""
+    missing = sorted(expected.keys() - incoming.keys())
+    unexpected = sorted(incoming.keys() - expected.keys())
+    if missing or unexpected:
+        raise KeyError(f"{source} does not match the config: missing tensors {missing}, "
+                       f"unexpected tensors {unexpected}")
+    for name, tensor in incoming.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
+
+
+def _check_sizes(config: GPT2Config, incoming: dict[str, torch.Tensor], source: str) -> None:
+    """The config's sizes against the tensors that carry them, before a model of those sizes is built:
+    a config.json asking for a million layers or a 10**30-token vocabulary must not hang or overflow."""
+    layers = len({name.split(".")[1] for name in incoming if name.startswith("h.")})
+    if config.n_layer > layers:
+        raise KeyError(f"{source} does not match the config: it holds {layers} layers, "
+                       f"config.json has n_layer={config.n_layer}")
+    carriers = {"wte.weight": (config.vocab_size, config.n_embd), "wpe.weight": (config.n_positions, config.n_embd),
+                "h.0.mlp.c_fc.weight": (config.n_embd, config.mlp_width)}
+    _check_tensors(carriers, {name: incoming[name] for name in carriers if name in incoming}, source)
+
+
+def _shapes(model: GPT2) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def _copy_into(model: GPT2, incoming: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            p.copy_(incoming[name])
 
 
 def load_hf_state_dict(model: GPT2, state: dict[str, torch.Tensor]) -> None:
     """Copy an HF GPT-2 state dict into `model`, naming every missing, unexpected or mis-shaped tensor."""
-    lm_head, wte = state.get("lm_head.weight"), state.get("transformer.wte.weight", state.get("wte.weight"))
-    if lm_head is not None and wte is not None and not torch.equal(lm_head, wte):
-        raise ValueError("checkpoint: lm_head.weight differs from wte.weight; an untied LM head is not supported")
-    incoming = _from_hf_state_dict(state)
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - incoming.keys())
-    unexpected = sorted(incoming.keys() - expected.keys())
-    if missing or unexpected:
-        raise KeyError(f"checkpoint does not match the config: missing tensors {missing}, unexpected tensors {unexpected}")
-    for name, tensor in incoming.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(expected[name].shape)}")
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            p.copy_(incoming[name])
+    incoming = _from_hf_state_dict(state, "checkpoint")
+    _check_tensors(_shapes(model), incoming, "checkpoint")
+    _copy_into(model, incoming)
 
 
 def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
@@ -87,27 +125,128 @@ def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
     return {f"transformer.{name}": t.contiguous() for name, t in model.state_dict().items()}
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def _read_json_object(path: Path) -> dict:
+    _require_file(path)
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
+
+
+def _read_config(path: Path) -> GPT2Config:
+    hf = _read_json_object(path)
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in hf]
+    if missing:
+        raise ValueError(f"{path} lacks the required keys {missing}")
+    try:
+        return config_from_hf(hf)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    for index_name, loader in (("model.safetensors.index.json", load_file),
-                               ("pytorch_model.bin.index.json", _load_bin)):
-        if (folder / index_name).exists():
-            shards = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
-            state = {}
-            for shard in shards:
-                state.update(loader(str(folder / shard)))
-            return state
-    if (folder / "model.safetensors").exists():
-        return load_file(str(folder / "model.safetensors"))
-    if (folder / "pytorch_model.bin").exists():
-        return _load_bin(str(folder / "pytorch_model.bin"))
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _read_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} was refused as unsafe and not loaded: torch.load(weights_only=True) met "
+                         f"{_unpickler_reason(e)} in it, which a file of tensors does not hold (a pickle that "
+                         f"could run code when loaded, or a corrupt file)") from None
+    except Exception as e:  # on damaged bytes torch's reader fails in many ways: EOFError, IndexError, OSError...
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise ValueError(f"{path} is not a readable PyTorch weights file (truncated or corrupt?): {detail}") from None
+
+
+def _unpickler_reason(error: pickle.UnpicklingError) -> str:
+    """What torch's weights-only refusal says it met, without its advice to load the file unsafely."""
+    found = re.search(r"GLOBAL [\w.]+|operand \S+", str(error))
+    return found.group() if found else "an object it does not load"
+
+
+def _read_weight_file(path: Path, parse) -> dict[str, torch.Tensor]:
+    """One weights file, refused unless it maps names to dense floating-point tensors that are all finite."""
+    _require_file(path)
+    state = parse(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} must hold tensors by name, not a {type(state).__name__}")
+    for name, tensor in state.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{path}: entry {name!r} is a {type(tensor).__name__}, not a named tensor")
+        if not name.endswith(IGNORED):
+            _check_weight(path, name, tensor)
+    return state
+
+
+def _check_weight(path: Path, name: str, tensor: torch.Tensor) -> None:
+    if tensor.layout != torch.strided or tensor.device.type != "cpu":
+        raise ValueError(f"{path}: tensor {name} is a {tensor.layout} tensor on {tensor.device}, "
+                         f"not a dense tensor in memory")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{path}: tensor {name} has dtype {tensor.dtype}; weights must be one of "
+                         f"{', '.join(map(str, FLOAT_DTYPES))}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{path}: tensor {name} holds NaN or infinite values (a damaged file?)")
+
+
+def _read_shards(index: Path, parse) -> dict[str, torch.Tensor]:
+    weight_map = _read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{index} has no weight_map from tensor names to shard file names")
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        path = index.parent / shard
+        if not _inside(index.parent, path):
+            raise ValueError(f"{index}: shard {shard!r} lies outside {index.parent}; refused")
+        tensors = _read_weight_file(path, parse)
+        mapped = {name for name, file in weight_map.items() if file == shard}
+        # Each shard must hold exactly what the index maps to it: a tensor held twice would otherwise be
+        # taken from whichever shard came last.
+        if tensors.keys() != mapped:
+            raise KeyError(f"{path} disagrees with {index}: tensors mapped to it that it lacks: "
+                           f"{sorted(mapped - tensors.keys())}; tensors it holds that are not mapped to it: "
+                           f"{sorted(tensors.keys() - mapped)}")
+        state.update(tensors)
+    return state
+
+
+def _inside(folder: Path, path: Path) -> bool:
+    """Whether `path`, links followed, lies in `folder`, or in the blobs of the hub cache it is a snapshot of."""
+    root = folder.resolve()
+    roots = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    return any(path.resolve().is_relative_to(r) for r in roots)
+
+
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The weights in `folder`, and the file they were found through (a weights file or a shard index)."""
+    for name, parse in (("model.safetensors.index.json", _read_safetensors),
+                        ("pytorch_model.bin.index.json", _read_bin)):
+        if (folder / name).exists():
+            return _read_shards(folder / name, parse), folder / name
+    for name, parse in (("model.safetensors", _read_safetensors), ("pytorch_model.bin", _read_bin)):
+        if (folder / name).exists():
+            return _read_weight_file(folder / name, parse), folder / name
     raise FileNotFoundError(f"{folder} has no GPT-2 weights: expected model.safetensors, a sharded "
                             f"model.safetensors.index.json, or pytorch_model.bin")
-
-
-def _load_bin(path: str) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _download(name: str) -> Path:
@@ -125,17 +264,28 @@ def _download(name: str) -> Path:
             f"presets without weights: GPT2(GPT2Config.from_preset(...)).") from None
 
 
-def from_pretrained(name_or_path, dtype: torch.dtype | None = None, device=None) -> GPT2:
+def _checkpoint_folder(name_or_path) -> Path:
     folder = Path(name_or_path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; pass the folder holding config.json and the weights")
     if not folder.is_dir():
         folder = _download(str(name_or_path))
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face GPT-2 folder")
-    config = config_from_hf(json.loads((folder / "config.json").read_text()))
+    return folder
+
+
+def from_pretrained(name_or_path, dtype: torch.dtype | None = None, device=None) -> GPT2:
+    folder = _checkpoint_folder(name_or_path)
+    config = _read_config(folder / "config.json")
+    state, source = _read_weights(folder)
+    incoming = _from_hf_state_dict(state, str(source))
+    _check_sizes(config, incoming, str(source))
     with torch.device("meta"):
         model = GPT2(config)
+    _check_tensors(_shapes(model), incoming, str(source))
     model = model.to_empty(device="cpu")
-    load_hf_state_dict(model, _read_weights(folder))
+    _copy_into(model, incoming)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -18,15 +20,20 @@ class GPT2Config:
     eos_token_id: int | None = 50256
 
     def __post_init__(self) -> None:
+        # Values often come from a config.json, so a string or a bool must be refused here, not fail in torch later.
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if _not_integer(getattr(self, name)):
+                raise ValueError(f"GPT2Config.{name} must be an integer, got {getattr(self, name)!r}")
             if getattr(self, name) < 1:
                 raise ValueError(f"GPT2Config.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPT2Config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_inner is not None and self.n_inner < 1:
-            raise ValueError(f"GPT2Config.n_inner must be >= 1 or None, got {self.n_inner}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout}")
+        if self.n_inner is not None and (_not_integer(self.n_inner) or self.n_inner < 1):
+            raise ValueError(f"GPT2Config.n_inner must be an integer >= 1 or None, got {self.n_inner!r}")
+        if _not_real(self.layer_norm_epsilon) or not 0.0 < self.layer_norm_epsilon < math.inf:
+            raise ValueError(f"GPT2Config.layer_norm_epsilon must be a number > 0, got {self.layer_norm_epsilon!r}")
+        if _not_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
     def head_dim(self) -> int:
@@ -49,6 +56,14 @@ class GPT2Config:
         if include_embeddings:
             n += self.vocab_size * c + self.n_positions * c
         return n
+
+
+def _not_integer(value) -> bool:
+    return not isinstance(value, numbers.Integral) or isinstance(value, bool)  # True is an int to Python
+
+
+def _not_real(value) -> bool:
+    return not isinstance(value, numbers.Real) or isinstance(value, bool)
 
 
 PRESETS: dict[str, GPT2Config] = {

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import re
 
 import huggingface_hub.constants
 import pytest
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from gpt2fast import GPT2
+from gpt2fast.cli import main
 
 from helpers import assert_logits_close, build_hf, hf_greedy, hf_logits, random_ids, write_config
 
@@ -245,7 +249,8 @@ def test_untied_lm_head_differing_from_wte_is_refused(small_hf, tmp_path):
     state = hf_tensors(small_hf)
     state["lm_head.weight"] = state["transformer.wte.weight"] + 1e-3
     write_checkpoint(tmp_path, small_hf, state)
-    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
+    with pytest.raises(ValueError, match=named(tmp_path / "model.safetensors",
+                                               "lm_head.weight differs from wte.weight")):
         GPT2.from_pretrained(tmp_path)
 
 
@@ -265,3 +270,298 @@ def test_hub_name_offline_says_what_to_download(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"download config\.json and model\.safetensors from "
                                                 r"https://huggingface\.co/gpt2 into a folder"):
         GPT2.from_pretrained("gpt2")
+
+
+# ---- hostile and damaged folders: refused with the file and what is wrong with it ----
+
+def named(path, *words) -> str:
+    """A pattern for a message naming `path`, then each of `words`, in that order."""
+    return ".*".join(re.escape(str(w)) for w in (path, *words))
+
+
+def sharded(hf, folder):
+    """hf saved in several safetensors shards; returns the folder's index as a dict."""
+    hf.save_pretrained(folder, max_shard_size="100KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    return index
+
+
+def write_index(folder, weight_map):
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+class RunsCode:
+    """Unpickling this makes a folder: the side effect a malicious pickle would have."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("cut", ["empty", "inside the header length", "inside the header", "inside the data",
+                                 "garbage"])
+def test_damaged_safetensors_is_refused_naming_the_file(small_hf, tmp_path, cut):
+    write_checkpoint(tmp_path, small_hf)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    path.write_bytes({"empty": b"", "inside the header length": data[:4],
+                      "inside the header": data[:header_end // 2],
+                      "inside the data": data[:(header_end + len(data)) // 2],
+                      "garbage": bytes(range(256)) * 8}[cut])
+    with pytest.raises(ValueError, match=named(path, "not a readable safetensors file")):
+        GPT2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_pickle_that_would_run_code_is_refused_unloaded(small_hf, tmp_path, writer):
+    write_config(tmp_path, small_hf)
+    marker = tmp_path / "code-ran"
+    state = hf_tensors(small_hf) | {"payload": RunsCode(marker)}
+    with open(tmp_path / "pytorch_model.bin", "wb") as f:
+        if writer == "torch.save":
+            torch.save(state, f)
+        else:  # a bare pickle, with torch.save's protocol (torch.load warns on newer ones)
+            pickle.dump(state, f, protocol=2)
+    with pytest.raises(ValueError, match=named(tmp_path / "pytorch_model.bin", "refused as unsafe and not loaded",
+                                               "GLOBAL")):
+        GPT2.from_pretrained(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("cut, match", [
+    ("empty", "not a readable PyTorch weights file"), ("truncated", "not a readable PyTorch weights file"),
+    ("garbage", "refused as unsafe and not loaded"),  # a byte no pickle of tensors holds
+])
+def test_damaged_pytorch_model_bin_is_refused_naming_the_file(small_hf, tmp_path, cut, match):
+    write_config(tmp_path, small_hf)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(hf_tensors(small_hf), path)
+    data = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": data[:len(data) // 2], "garbage": bytes(range(256)) * 8}[cut])
+    with pytest.raises(ValueError, match=named(path, match)):
+        GPT2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("contents, match", [
+    ([torch.zeros(3)], "must hold tensors by name, not a list"),
+    ({"state_dict": {"wte.weight": torch.zeros(3)}}, "entry 'state_dict' is a dict, not a named tensor"),
+    ({"wte.weight": torch.zeros(3, device="meta")}, "tensor wte.weight is a torch.strided tensor on meta"),
+    ({"wte.weight": torch.eye(3).to_sparse()}, "tensor wte.weight is a torch.sparse_coo tensor"),
+])
+def test_pytorch_model_bin_holding_more_than_dense_tensors_is_refused(small_hf, tmp_path, contents, match):
+    write_config(tmp_path, small_hf)
+    torch.save(contents, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=named(tmp_path / "pytorch_model.bin", match)):
+        GPT2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "is not valid JSON"), ("", "is not valid JSON"), ("\udcff", "is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object, not a list"),
+])
+def test_config_that_is_not_a_json_object_is_refused(small_hf, tmp_path, text, match):
+    write_checkpoint(tmp_path, small_hf)
+    (tmp_path / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=named(tmp_path / "config.json", match)):
+        GPT2.from_pretrained(tmp_path)
+
+
+def test_config_that_is_a_folder_is_refused(small_hf, tmp_path):
+    write_checkpoint(tmp_path, small_hf)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ValueError, match=named(tmp_path / "config.json", "is not a file")):
+        GPT2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "n_positions", "n_embd", "n_layer", "n_head"])
+def test_config_missing_a_required_key_is_refused_by_name(small_hf, tmp_path, key):
+    write_checkpoint(tmp_path, small_hf)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=named(tmp_path / "config.json", "lacks the required keys", key)):
+        GPT2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(n_head=7), "n_embd (60) must be divisible by n_head (7)"),
+    (dict(n_layer=-2), "n_layer must be >= 1, got -2"),
+    (dict(n_embd="60"), "n_embd must be an integer, got '60'"),
+    (dict(n_head=True), "n_head must be an integer, got True"),
+    (dict(vocab_size=101.0), "vocab_size must be an integer, got 101.0"),
+    (dict(n_inner="240"), "n_inner must be an integer >= 1 or None, got '240'"),
+    (dict(layer_norm_epsilon=-1e-5), "layer_norm_epsilon must be a number > 0"),
+])
+def test_config_values_of_a_wrong_type_or_range_are_refused_by_name(small_hf, tmp_path, change, match):
+    write_checkpoint(tmp_path, small_hf, **change)
+    with pytest.raises(ValueError, match=named(tmp_path / "config.json", match)):
+        GPT2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(n_layer=1000), "it holds 2 layers, config.json has n_layer=1000"),
+    (dict(vocab_size=10**30), f"tensor wte.weight has shape (101, 60), expected ({10**30}, 60)"),
+    (dict(n_positions=2**62), f"tensor wpe.weight has shape (64, 60), expected ({2**62}, 60)"),
+])
+def test_config_sizes_far_beyond_the_weights_are_refused_before_building(small_hf, tmp_path, change, match):
+    write_checkpoint(tmp_path, small_hf, **change)
+    with pytest.raises((KeyError, ValueError), match=named(tmp_path / "model.safetensors", match)):
+        GPT2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("escape", ["parent", "absolute", "symlink"])
+def test_shard_outside_the_folder_is_refused(small_hf, tmp_path, escape):
+    folder = tmp_path / "checkpoint"
+    index = sharded(small_hf, folder)
+    shard = sorted(set(index["weight_map"].values()))[0]
+    outside = tmp_path / shard
+    (folder / shard).rename(outside)  # a valid shard, which the index must not be able to reach
+    name = {"parent": f"../{shard}", "absolute": str(outside), "symlink": shard}[escape]
+    if escape == "symlink":
+        (folder / shard).symlink_to(outside)
+    write_index(folder, {k: name if v == shard else v for k, v in index["weight_map"].items()})
+    with pytest.raises(ValueError, match=named(folder / "model.safetensors.index.json",
+                                               f"shard {name!r} lies outside")):
+        GPT2.from_pretrained(folder)
+
+
+def test_hub_cache_snapshot_linking_to_its_blobs_loads(small_hf, tmp_path):
+    """The hub cache keeps each file in the repository's blobs folder and links to it from the snapshot."""
+    sharded(small_hf, tmp_path / "saved")
+    repo = tmp_path / "models--someone--tiny-gpt2"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted((tmp_path / "saved").iterdir())):
+        file.rename(repo / "blobs" / f"blob{i}")
+        (snapshot / file.name).symlink_to(f"../../blobs/blob{i}")
+    ids = random_ids(101, 2, 12)
+    with torch.no_grad():
+        assert_logits_close(GPT2.from_pretrained(snapshot)(ids), hf_logits(small_hf, ids))
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{", "is not valid JSON"),
+    ('{"metadata": {}}', "has no weight_map"),
+    ('{"weight_map": {"transformer.wte.weight": 3}}', "has no weight_map from tensor names to shard file names"),
+])
+def test_shard_index_that_is_unreadable_is_refused(small_hf, tmp_path, text, match):
+    sharded(small_hf, tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(ValueError, match=named(tmp_path / "model.safetensors.index.json", match)):
+        GPT2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("damage, error, match", [
+    ("missing", FileNotFoundError, "does not exist"),
+    ("a folder", ValueError, "is not a file"),
+])
+def test_shard_that_is_missing_or_a_folder_is_refused_by_name(small_hf, tmp_path, damage, error, match):
+    index = sharded(small_hf, tmp_path)
+    shard = tmp_path / sorted(set(index["weight_map"].values()))[-1]
+    shard.unlink()
+    if damage == "a folder":
+        shard.mkdir()
+    with pytest.raises(error, match=named(shard, match)):
+        GPT2.from_pretrained(tmp_path)
+
+
+def test_index_mapping_a_tensor_to_a_shard_that_lacks_it_is_refused(small_hf, tmp_path):
+    index = sharded(small_hf, tmp_path)
+    shards = sorted(set(index["weight_map"].values()))
+    moved = next(k for k, v in index["weight_map"].items() if v == shards[-1])
+    write_index(tmp_path, index["weight_map"] | {moved: shards[0]})
+    with pytest.raises(KeyError, match=named(tmp_path / shards[0], "disagrees with", "model.safetensors.index.json",
+                                             f"mapped to it that it lacks: ['{moved}']")):
+        GPT2.from_pretrained(tmp_path)
+
+
+def test_tensor_held_by_two_shards_is_refused(small_hf, tmp_path):
+    index = sharded(small_hf, tmp_path)
+    first, second = sorted(set(index["weight_map"].values()))[:2]
+    doubled = next(k for k, v in index["weight_map"].items() if v == first)
+    tensors = load_file(str(tmp_path / second))
+    save_file(tensors | {doubled: torch.zeros_like(load_file(str(tmp_path / first))[doubled])},
+              str(tmp_path / second))
+    with pytest.raises(KeyError, match=named(tmp_path / second, f"it holds that are not mapped to it: ['{doubled}']")):
+        GPT2.from_pretrained(tmp_path)
+
+
+def test_gpt2model_and_lm_head_model_names_mixed_are_refused(small_hf, tmp_path):
+    state = hf_tensors(small_hf)
+    state["ln_f.bias"] = state["transformer.ln_f.bias"] + 1
+    write_checkpoint(tmp_path, small_hf, state)
+    with pytest.raises(ValueError, match=named(tmp_path / "model.safetensors", "both", "ln_f.bias", "ambiguous")):
+        GPT2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight_is_refused_by_name(small_hf, tmp_path, value):
+    state = hf_tensors(small_hf)
+    state["transformer.h.1.attn.c_proj.weight"][3, 4] = value
+    write_checkpoint(tmp_path, small_hf, state)
+    with pytest.raises(ValueError, match=named(tmp_path / "model.safetensors",
+                                               "tensor transformer.h.1.attn.c_proj.weight holds NaN or infinite")):
+        GPT2.from_pretrained(tmp_path)
+
+
+def test_file_with_its_tail_overwritten_is_refused(small_hf, tmp_path):
+    write_checkpoint(tmp_path, small_hf)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-64] + b"\xff" * 64)  # 0xffffffff is a float32 NaN
+    with pytest.raises(ValueError, match=named(path, "holds NaN or infinite values")):
+        GPT2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.int8, torch.float8_e4m3fn], ids=str)
+def test_weight_that_is_not_a_supported_float_is_refused_by_name(small_hf, tmp_path, dtype):
+    state = hf_tensors(small_hf)
+    state["transformer.h.0.ln_1.bias"] = state["transformer.h.0.ln_1.bias"].to(dtype)
+    write_checkpoint(tmp_path, small_hf, state)
+    with pytest.raises(ValueError, match=named(tmp_path / "model.safetensors",
+                                               f"tensor transformer.h.0.ln_1.bias has dtype {dtype}")):
+        GPT2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_floating_weights_are_cast_to_the_model_dtype(small_hf, tmp_path, dtype):
+    state = {k: v.to(dtype) for k, v in hf_tensors(small_hf).items()}
+    write_checkpoint(tmp_path, small_hf, state)
+    model = GPT2.from_pretrained(tmp_path)
+    assert model.dtype == torch.float32
+    assert torch.equal(model.wte.weight, state["transformer.wte.weight"].float())
+
+
+def test_folder_that_is_a_file_is_refused(small_hf, tmp_path):
+    write_checkpoint(tmp_path, small_hf)
+    with pytest.raises(ValueError, match=named(tmp_path / "model.safetensors", "is a file; pass the folder")):
+        GPT2.from_pretrained(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "pytorch_model.bin"])
+def test_weights_that_are_a_folder_are_refused(small_hf, tmp_path, file):
+    write_config(tmp_path, small_hf)
+    (tmp_path / file).mkdir()
+    with pytest.raises(ValueError, match=named(tmp_path / file, "is not a file")):
+        GPT2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncated weights", ["model.safetensors", "not a readable safetensors file"]),
+    ("a config value of the wrong type", ["config.json", "n_embd must be an integer"]),
+])
+def test_cli_reports_a_damaged_checkpoint_in_one_line(small_hf, tmp_path, damage, words):
+    write_checkpoint(tmp_path, small_hf, **({"n_embd": "60"} if damage.startswith("a config") else {}))
+    if damage == "truncated weights":
+        (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", str(tmp_path), "--max-new-tokens", "1", "--device", "cpu"])
+    message = str(exit_info.value.code)
+    assert re.fullmatch("gpt2fast generate: error: " + named(tmp_path / words[0], words[1]) + ".*", message)
+    assert "\n" not in message and "Traceback" not in message
