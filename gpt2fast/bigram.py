@@ -185,6 +185,7 @@ def run_bigrams(
     sample_len: int = 200,
     seed: int = 1337,
     progress: bool = True,
+    block_size: int = 32,
 ) -> dict[str, Any]:
     """Fit both bigram models on a char-level text and report their losses and samples.
 
@@ -192,11 +193,18 @@ def run_bigrams(
     {"vocab_size", "uniform_loss", "counting": {...}, "neural": {...}}, where each model
     entry has "train_loss", "val_loss" (nats per character) and "sample" (text).
     """
+    _check_options(lr, steps=steps, sample_len=sample_len, smoothing=smoothing, batch_size=batch_size,
+                   block_size=block_size)
     if text_path is None:
         text_path = default_data_dir() / "tinyshakespeare.txt"
     text = load_text(text_path)
     tokenizer = CharTokenizer.from_text(text)
     train_text, val_text = split_text(text)
+    # Training windows need block_size + 1 characters, a validation loss one bigram.
+    if len(train_text) <= block_size or len(val_text) < 2:
+        raise ValueError(f"{text_path} is too short for the bigram models: {len(text)} characters, split "
+                         f"{len(train_text)} for training (at least {block_size + 1}) and {len(val_text)} for "
+                         f"validation (at least 2)")
     train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
     val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
     # Start samples at a line break when there is one, i.e. at the start of a line.
@@ -209,7 +217,7 @@ def run_bigrams(
     neural = NeuralBigram(tokenizer.vocab_size)
     neural_losses = neural.fit(
         train_ids, val_ids, steps=steps, batch_size=batch_size, lr=lr,
-        generator=gen, progress=progress,
+        generator=gen, progress=progress, block_size=block_size,
     )
     neural_sample = neural.generate(torch.tensor([[start]]), sample_len, gen)[0].tolist()
 
@@ -223,3 +231,13 @@ def run_bigrams(
         },
         "neural": {**neural_losses, "sample": tokenizer.decode(neural_sample)},
     }
+
+
+def _check_options(lr: float, **counts: float) -> None:
+    """run_bigrams' options by name, before the text is read: lr > 0, sizes >= 1, the rest >= 0, all finite."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    for name, value in counts.items():
+        least = 1 if name.endswith("size") else 0
+        if not (math.isfinite(value) and value >= least):
+            raise ValueError(f"{name} must be a finite number >= {least}, got {value}")

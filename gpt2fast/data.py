@@ -37,9 +37,23 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2fast"
 
 
+def _text_file(path: str | os.PathLike[str]) -> Path:
+    """`path` as a Path, refused by name unless a file is there."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a text file")
+    if not path.exists():
+        raise FileNotFoundError(f"no text file at {path}")
+    return path
+
+
 def load_text(path: str | os.PathLike[str]) -> str:
     """Read a whole text file as UTF-8."""
-    return Path(path).read_text(encoding="utf-8")
+    path = _text_file(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: byte {e.object[e.start]:#04x} at offset {e.start}") from None
 
 
 def split_text(text: str, frac: float = 0.9) -> tuple[str, str]:
@@ -104,47 +118,60 @@ class TokenizedText:
     folder: Path  # holds train.bin, val.bin and meta.json
 
 
-def tokenize_text(text_path: str | os.PathLike[str], tokenizer: str = "char",
+def tokenize_text(text_path: str | os.PathLike[str], tokenizer: str | CharTokenizer = "char",
                   cache_dir: str | os.PathLike[str] | None = None) -> TokenizedText:
     """The tokens of a text file, tokenised on first use into uint16 files that later calls map.
 
-    `tokenizer` is "char" (the text's own characters) or a GPT-2 vocabulary for Tokenizer.from_pretrained.
-    The files live in a folder of `cache_dir` (default: default_cache_dir()/tokens) named by a key of the
-    text file (path, size, modification time) and the vocabulary, so an edited text or another
-    vocabulary gets fresh files and nothing stale is ever read.
+    `tokenizer` is "char" (the text's own characters), a CharTokenizer (its characters, which must cover
+    the text's) or a GPT-2 vocabulary for Tokenizer.from_pretrained. The files live in a folder of
+    `cache_dir` (default: default_cache_dir()/tokens) named by a key of the text file (path, size,
+    modification time) and the vocabulary, so an edited text or another vocabulary gets fresh files and
+    nothing stale is ever read.
     """
-    text_path = Path(text_path)
-    bpe = None if tokenizer == "char" else Tokenizer.from_pretrained(tokenizer)
-    folder = Path(cache_dir or default_cache_dir() / "tokens") / _cache_name(text_path, bpe)
+    text_path = _text_file(text_path)
+    vocab = Tokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str) and tokenizer != "char" else tokenizer
+    folder = Path(cache_dir or default_cache_dir() / "tokens") / _cache_name(text_path, vocab)
     if not (folder / "meta.json").exists():
-        _write_tokens(folder, text_path, bpe)
+        _write_tokens(folder, text_path, vocab)
     meta = json.loads((folder / "meta.json").read_text())
-    return TokenizedText(bpe or CharTokenizer.from_dict(meta["char_vocab"]), _map_tokens(folder / "train.bin"),
-                         _map_tokens(folder / "val.bin"), folder)
+    return TokenizedText(vocab if isinstance(vocab, Tokenizer) else CharTokenizer.from_dict(meta["char_vocab"]),
+                         _map_tokens(folder / "train.bin"), _map_tokens(folder / "val.bin"), folder)
 
 
-def _cache_name(text_path: Path, bpe: Tokenizer | None) -> str:
+def _cache_name(text_path: Path, vocab: str | CharTokenizer | Tokenizer) -> str:
     stat = text_path.stat()
     key = hashlib.sha256(f"{text_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    if bpe is not None:
-        key.update(json.dumps(bpe.special_tokens, sort_keys=True).encode())
-        for token, rank in sorted(bpe.ranks.items(), key=lambda item: item[1]):
+    if isinstance(vocab, CharTokenizer):
+        key.update(f"|chars {''.join(vocab.chars)}".encode())
+    if isinstance(vocab, Tokenizer):
+        key.update(json.dumps(vocab.special_tokens, sort_keys=True).encode())
+        for token, rank in sorted(vocab.ranks.items(), key=lambda item: item[1]):
             key.update(token + rank.to_bytes(4, "little"))
-    return f"{text_path.stem}-{'char' if bpe is None else 'gpt2'}-{key.hexdigest()[:16]}"
+    return f"{text_path.stem}-{'gpt2' if isinstance(vocab, Tokenizer) else 'char'}-{key.hexdigest()[:16]}"
 
 
-def _write_tokens(folder: Path, text_path: Path, bpe: Tokenizer | None) -> None:
+def _write_tokens(folder: Path, text_path: Path, vocab: str | CharTokenizer | Tokenizer) -> None:
     text = load_text(text_path)
-    tokenizer = bpe or CharTokenizer.from_text(text)
+    if len(text) < 2:
+        raise ValueError(f"{text_path} holds {len(text)} characters: too short to split into training and "
+                         f"validation text")
+    tokenizer = CharTokenizer.from_text(text) if isinstance(vocab, str) else vocab
+    if isinstance(tokenizer, CharTokenizer) and not set(text) <= set(tokenizer.chars):
+        missing = "".join(sorted(set(text) - set(tokenizer.chars)))
+        raise ValueError(f"{text_path} holds characters that the char vocabulary lacks: {missing!r}")
     if tokenizer.vocab_size > 2**16:
         raise ValueError(f"uint16 token files hold ids below 65536; this vocabulary has {tokenizer.vocab_size}")
     # Written aside, then renamed into place: an interrupted or concurrent run never sees half a folder.
     staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write token files in {folder.parent} ({e.strerror or e}); choose another "
+                         f"cache_dir or ${CACHE_ENV_VAR}") from None
     for name, part in zip(("train", "val"), split_text(text)):
         np.array(tokenizer.encode(part), dtype=np.uint16).tofile(staging / f"{name}.bin")
     meta = {"text": str(text_path.resolve()), "vocab_size": tokenizer.vocab_size}
-    if bpe is None:
+    if isinstance(tokenizer, CharTokenizer):
         meta["char_vocab"] = tokenizer.to_dict()
     (staging / "meta.json").write_text(json.dumps(meta) + "\n")
     try:

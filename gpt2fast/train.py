@@ -3,20 +3,36 @@
 nanoGPT's recipe: the text tokenised once into uint16 files (char-level or GPT-2 BPE), AdamW with weight
 decay on the matrices, linear warm-up then cosine decay, gradient accumulation and clipping, a bf16
 option and torch.compile, periodic evaluation, and a progress bar with loss, tokens/s and MFU.
-Checkpoints are the Hugging Face folder that `GPT2.from_pretrained` and `python -m gpt2fast generate`
+A checkpoint is the Hugging Face folder that `GPT2.from_pretrained` and `python -m gpt2fast generate`
 load (plus the char vocabulary), with a training state beside it (optimizer, iteration, random number
 generators, loss history) from which `resume` continues the same loss curve; a loss plot goes with
 them. Under torchrun the model is wrapped in DDP and each rank runs its share of the global batch.
+
+A checkpoint is committed as a whole, so that a run killed at any instant resumes from one iteration's
+weights, optimizer and generators, never a mix. Its files are written into a fresh folder of out_dir
+(`checkpoint-000500.tmp`) with a manifest last (the iteration and the sha256 of every file), synced to
+disk and renamed `checkpoint-000500`; the commit is one atomic step, `os.replace` of the symlink
+`out_dir/latest` by a new link to that folder. Only the folder `latest` names is a checkpoint: any
+other (an unfinished `.tmp`, or one renamed but not committed) is left over from a kill, never read,
+and deleted after the next commit or on resume. The top-level files of out_dir (config.json,
+model.safetensors, ...) are relative symlinks through `latest/`, so out_dir itself stays a model folder.
+`resume` checks every file of the committed folder against its manifest and refuses, by file, a set
+that does not match. A run saved before this layout (the same files flat in out_dir, written one after
+the other) cannot be trusted to be one set, and `resume` refuses it.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +52,10 @@ CHAR_VOCAB_FILE = "char_vocab.json"
 STATE_FILE = "training_state.pt"
 LOG_FILE = "train_log.json"
 PLOT_FILE = "loss.png"
+MANIFEST_FILE = "checkpoint.json"
+LATEST = "latest"  # the symlink to the committed checkpoint folder
+# The files of a checkpoint that out_dir shows at its top level, each a link through LATEST.
+CHECKPOINT_FILES = ("config.json", "model.safetensors", CHAR_VOCAB_FILE, STATE_FILE, LOG_FILE)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -79,12 +99,32 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        """Every option checked by name before any work: a bad value would otherwise surface late, or never
+        (a negative grad_clip turns descent into ascent)."""
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
-                     "log_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"{f.name} must be a finite number, got {getattr(self, f.name)}")
+        rules = [(name, 1, ">= 1") for name in ("block_size", "batch_size", "gradient_accumulation_steps",
+                                                 "eval_interval", "eval_iters", "log_interval")]
+        rules += [(name, 0, ">= 0") for name in ("n_layer", "n_head", "n_embd", "max_iters", "warmup_iters",
+                                                  "stop_at_iter", "max_seconds", "min_lr", "weight_decay",
+                                                  "grad_clip", "target_val_loss", "beta2", "dropout")]
+        for name, least, requirement in rules:
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be {requirement}, got {getattr(self, name)}")
+        for name in ("beta2", "dropout"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        shape = [name for name in ("n_layer", "n_head", "n_embd") if getattr(self, name)]
+        if self.init_from and shape:
+            raise ValueError(f"{shape[0]} ({getattr(self, shape[0])}) cannot reshape the init_from checkpoint "
+                             f"{self.init_from}; its shape is its own")
 
 
 # Named runs. shakespeare-char is nanoGPT's config/train_shakespeare_char.py over its train.py defaults
@@ -144,11 +184,23 @@ def _model(cfg: TrainConfig, vocab_size: int) -> GPT2:
         model = GPT2.from_pretrained(cfg.init_from)
         if model.config.vocab_size < vocab_size:
             raise ValueError(f"{cfg.init_from} has {model.config.vocab_size} tokens, the tokenizer {vocab_size}")
+        if cfg.block_size > model.config.n_positions:
+            raise ValueError(f"block_size ({cfg.block_size}) exceeds the context of {cfg.init_from} "
+                             f"({model.config.n_positions} positions)")
+        _set_dropout(model, cfg.dropout)
         return model.train()
     shape = {name: getattr(cfg, name) for name in ("n_layer", "n_head", "n_embd") if getattr(cfg, name)}
     config = GPT2Config.from_preset(cfg.preset, vocab_size=vocab_size, n_positions=cfg.block_size,
                                     dropout=cfg.dropout, **shape)
     return GPT2(config)
+
+
+def _set_dropout(model: GPT2, p: float) -> None:
+    """A loaded model with the run's dropout (a checkpoint's config.json carries none that loading keeps)."""
+    model.config.dropout = p  # what its saved config.json then says
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
 
 
 def _optimizer(model: GPT2, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -219,6 +271,104 @@ class TrainState:
     target: dict | None = None  # {"iter", "seconds"} where the validation estimate first reached target_val_loss
 
 
+class TrainingDiverged(ValueError):
+    """A loss or a weight stopped being finite: the run ends at once, with no checkpoint written from it."""
+
+
+def commit_checkpoint(out: Path, it: int, write: Callable[[Path], None]) -> None:
+    """A checkpoint of iteration `it`, its files written by `write(folder)`, committed as a whole by the
+    replacement of the `latest` link (see the module docstring)."""
+    name = f"checkpoint-{it:06d}"
+    if name == _committed_name(out):  # the same iteration saved again (a finished run resumed): the other name
+        name += "-1"
+    staging = out / f"{name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write(staging)
+    files = {}
+    for path in sorted(staging.iterdir()):
+        _fsync(path)
+        files[path.name] = _sha256(path)
+    (staging / MANIFEST_FILE).write_text(json.dumps({"iter": it, "files": files}, indent=2) + "\n")
+    _fsync(staging / MANIFEST_FILE)
+    _fsync(staging)
+    shutil.rmtree(out / name, ignore_errors=True)  # renamed, never committed: left by a kill
+    staging.rename(out / name)
+    _fsync(out)
+    _replace_symlink(out / LATEST, name)
+    _fsync(out)
+    _link_top_level(out, files)
+    remove_stale_checkpoints(out, keep=name)
+
+
+def committed_checkpoint(out: Path) -> Path:
+    """The checkpoint folder that `out/latest` names, every file checked against its manifest."""
+    if not (out / LATEST).is_symlink():
+        if (out / STATE_FILE).is_file() and not (out / STATE_FILE).is_symlink():
+            raise ValueError(f"resume: {out} holds a run saved in the flat layout of an earlier gpt2fast, whose "
+                             f"files were written one after another and may come from different iterations, so "
+                             f"it cannot be resumed safely; fine-tune from its weights with init_from instead")
+        raise FileNotFoundError(f"resume: {out} holds no committed checkpoint (no {LATEST}), so there is no run "
+                                f"to continue there")
+    folder = out / os.readlink(out / LATEST)
+    manifest_path = folder / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ValueError(f"resume: {manifest_path} is missing, so {folder} cannot be checked as one checkpoint")
+    manifest = json.loads(manifest_path.read_text())
+    for name, digest in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"resume: {path} is missing from the checkpoint of iteration {manifest['iter']}")
+        if _sha256(path) != digest:
+            raise ValueError(f"resume: {path} is not the file saved with the checkpoint of iteration "
+                             f"{manifest['iter']} (its sha256 differs from {manifest_path}'s)")
+    return folder
+
+
+def remove_stale_checkpoints(out: Path, keep: str) -> None:
+    """Every checkpoint folder of `out` but `keep`: older ones, and those a kill left unfinished or uncommitted."""
+    for path in out.glob("checkpoint-*"):
+        if path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _committed_name(out: Path) -> str | None:
+    return os.readlink(out / LATEST) if (out / LATEST).is_symlink() else None
+
+
+def _link_top_level(out: Path, files: dict) -> None:
+    """out's own config.json, model.safetensors, ...: links through `latest`, so out stays a model folder.
+    A file this checkpoint lacks (the char vocabulary of an earlier char run) goes."""
+    for name in CHECKPOINT_FILES:
+        path, target = out / name, f"{LATEST}/{name}"
+        if name not in files:
+            path.unlink(missing_ok=True)
+        elif not path.is_symlink() or os.readlink(path) != target:
+            _replace_symlink(path, target)
+
+
+def _replace_symlink(link: Path, target: str) -> None:
+    """`link` pointing at `target` in one step: a new link made aside, then renamed over the old one."""
+    aside = link.with_name(f".{link.name}.tmp")
+    aside.unlink(missing_ok=True)
+    os.symlink(target, aside)
+    os.replace(aside, link)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents to the disk (a folder's: the names in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train as `cfg` says; returns the history and final losses, and writes the checkpoint to cfg.out_dir.
 
@@ -229,13 +379,45 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.gradient_accumulation_steps % dist.world_size:
             raise ValueError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple "
                              f"of the number of processes ({dist.world_size})")
+        if dist.is_main:
+            _prepare_out_dir(cfg.out_dir)
         started = time.perf_counter()
+        text = cfg.data or default_data_dir() / "tinyshakespeare.txt"
         with dist.main_first():
-            data = tokenize_text(cfg.data or default_data_dir() / "tinyshakespeare.txt", cfg.tokenizer,
-                                 cfg.cache_dir or None)
+            data = tokenize_text(text, _vocabulary(cfg), cfg.cache_dir or None)
+        _check_data_fits(data, text, cfg.block_size)
         return Trainer(cfg, dist, data, data_seconds=time.perf_counter() - started).run()
     finally:
         dist.close()
+
+
+def _prepare_out_dir(out_dir: str) -> None:
+    """Create out_dir and write a file there now: a bad path fails before training, not at the first checkpoint."""
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise ValueError(f"out_dir {out_dir} is not a writable folder: {e.strerror or e}") from None
+
+
+def _vocabulary(cfg: TrainConfig) -> str | CharTokenizer:
+    """The tokenizer for tokenize_text. Fine-tuning at char level reads the text in the checkpoint's own
+    alphabet: an alphabet of the text's would give the same characters other ids."""
+    if not cfg.init_from or cfg.tokenizer != "char":
+        return cfg.tokenizer
+    char_vocab = Path(cfg.init_from) / CHAR_VOCAB_FILE
+    if not char_vocab.is_file():
+        raise ValueError(f"init_from {cfg.init_from} has no {CHAR_VOCAB_FILE}, so its token ids are not "
+                         f"characters; pass its vocabulary with tokenizer")
+    return CharTokenizer.from_dict(json.loads(char_vocab.read_text()))
+
+
+def _check_data_fits(data: TokenizedText, text, block_size: int) -> None:
+    """Each split must hold a window of block_size + 1 tokens (a batch's inputs and their next tokens)."""
+    for split, tokens in (("training", data.train), ("validation", data.val)):
+        if len(tokens) <= block_size:
+            raise ValueError(f"{text} is too short: its {split} split has {len(tokens)} tokens, and block_size "
+                             f"{block_size} needs at least {block_size + 1}")
 
 
 class Trainer:
@@ -270,27 +452,9 @@ class Trainer:
         self.session_start = self.window_start = time.perf_counter()
         self.seconds_before = self.elapsed = state.seconds
         self.pending: list[torch.Tensor] = []
-        start_iter = it = state.iter
-        self.bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=not (cfg.progress and self.dist.is_main),
-                        desc="train", dynamic_ncols=True, mininterval=0.5)
-        stopped = False
-        while it < cfg.max_iters:
-            if it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.stop_at_iter):
-                self._flush()
-                if it % cfg.eval_interval == 0:
-                    self._evaluate(it)
-                self._save(it)
-                if it == cfg.stop_at_iter:
-                    stopped = True
-                    break
-            self.pending.append(self._step(it))
-            it += 1
-            if it % cfg.log_interval == 0:
-                self._flush()
-                if cfg.max_seconds and self.elapsed > cfg.max_seconds:
-                    break
-        self._flush()
-        self.bar.close()
+        with tqdm(total=cfg.max_iters, initial=state.iter, disable=not (cfg.progress and self.dist.is_main),
+                  desc="train", dynamic_ncols=True, mininterval=0.5) as self.bar:
+            it, stopped = self._loop(state.iter)
         seconds = self.elapsed  # the run's time: its final evaluation over the whole split is left out
         val_loss = None
         if not stopped:
@@ -300,6 +464,27 @@ class Trainer:
                 tqdm.write(f"final: validation loss over the whole split {val_loss:.4f}")
             self._save(it)
         return self._result(it, seconds, val_loss, completed=not stopped)
+
+    def _loop(self, start_iter: int) -> tuple[int, bool]:
+        """The iterations from start_iter, with the periodic evaluations and checkpoints; returns the iteration
+        reached and whether stop_at_iter ended the session."""
+        cfg, it = self.cfg, start_iter
+        while it < cfg.max_iters:
+            if it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.stop_at_iter):
+                self._settle(it)
+                if it % cfg.eval_interval == 0:
+                    self._evaluate(it)
+                self._save(it)
+                if it == cfg.stop_at_iter:
+                    return it, True
+            self.pending.append(self._step(it))
+            it += 1
+            if it % cfg.log_interval == 0:
+                self._flush()
+                if cfg.max_seconds and self.elapsed > cfg.max_seconds:
+                    break
+        self._settle(it)
+        return it, False
 
     def _step(self, it: int) -> torch.Tensor:
         """One iteration; returns its loss (on the device, unread: reading waits for the device)."""
@@ -334,8 +519,12 @@ class Trainer:
         now = time.perf_counter()
         if self.pending:
             n = len(self.pending)
-            self.state.losses += self.dist.mean(torch.stack(self.pending)).tolist()
+            losses = self.dist.mean(torch.stack(self.pending)).tolist()
             self.pending.clear()
+            bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+            if bad is not None:
+                raise self._diverged(f"the loss of iteration {len(self.state.losses) + bad} is {losses[bad]}")
+            self.state.losses += losses
             window = now - self.window_start
             self.state.train_seconds += window
             tokens_per_second = n * self.tokens_per_iter / window
@@ -346,6 +535,17 @@ class Trainer:
                                  val=f"{history[-1]['val_loss']:.3f}" if history else "-")
         self.window_start = now
         self.elapsed = self.dist.agree(self._clock())
+
+    def _settle(self, it: int) -> None:
+        """Read the pending losses and check the weights: nothing non-finite is ever evaluated or saved (the
+        last step's update shows in no loss yet)."""
+        self._flush()
+        if not torch.stack([p.isfinite().all() for p in self.model.parameters()]).all():
+            raise self._diverged(f"the weights are not finite after {it} iterations")
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        return TrainingDiverged(f"training diverged: {what}; it stops here and saves nothing more, so the last "
+                                f"checkpoint in {self.cfg.out_dir} (if any) stays as it was; try a lower lr")
 
     def _mfu(self, tokens_per_second: float) -> str:
         if self.peak is None:
@@ -368,44 +568,46 @@ class Trainer:
         self.window_start = time.perf_counter()
 
     def _save(self, it: int) -> None:
-        """The checkpoint: the HF folder, the char vocabulary, the training state and the log (rank 0 writes)."""
+        """The checkpoint, committed as a whole (see the module docstring); rank 0 writes it."""
         self.state.iter, self.state.seconds = it, self._clock()
         cuda = self.dist.device.type == "cuda"
         rng = {"torch": self.dist.gather(torch.get_rng_state()),
                "cuda": self.dist.gather(torch.cuda.get_rng_state(self.dist.device)) if cuda else None,
                "data": self.data_rng.get_state()}
         if self.dist.is_main:
-            out = Path(self.cfg.out_dir)
-            self.model.save_pretrained(out)
-            if isinstance(self.data.tokenizer, CharTokenizer):
-                (out / CHAR_VOCAB_FILE).write_text(json.dumps(self.data.tokenizer.to_dict()) + "\n")
-            saved = {"state": dataclasses.asdict(self.state), "optimizer": self.optimizer.state_dict(), "rng": rng,
-                     "config": dataclasses.asdict(self.cfg)}
-            torch.save(saved, out / f"{STATE_FILE}.tmp")
-            os.replace(out / f"{STATE_FILE}.tmp", out / STATE_FILE)  # a run killed while saving keeps the last state
-            log_record = {"config": dataclasses.asdict(self.cfg), "history": self.state.history,
-                          "losses": self.state.losses}
-            (out / LOG_FILE).write_text(json.dumps(log_record, indent=2) + "\n")
+            commit_checkpoint(Path(self.cfg.out_dir), it, lambda folder: self._write(folder, rng))
         self.window_start = time.perf_counter()
+
+    def _write(self, folder: Path, rng: dict) -> None:
+        """The files of a checkpoint: the HF folder, the char vocabulary, the training state and the log."""
+        self.model.save_pretrained(folder)
+        if isinstance(self.data.tokenizer, CharTokenizer):
+            (folder / CHAR_VOCAB_FILE).write_text(json.dumps(self.data.tokenizer.to_dict()) + "\n")
+        config = dataclasses.asdict(self.cfg)
+        torch.save({"state": dataclasses.asdict(self.state), "optimizer": self.optimizer.state_dict(), "rng": rng,
+                    "config": config}, folder / STATE_FILE)
+        log_record = {"config": config, "history": self.state.history, "losses": self.state.losses}
+        (folder / LOG_FILE).write_text(json.dumps(log_record, indent=2) + "\n")
 
     def _load(self) -> None:
         from safetensors.torch import load_file
 
         out = Path(self.cfg.out_dir)
-        if not (out / STATE_FILE).exists():
-            raise FileNotFoundError(f"resume: {out} holds no {STATE_FILE}, so there is no run to continue there")
-        saved = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+        folder = committed_checkpoint(out)
+        saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         rng = saved["rng"]
         if len(rng["torch"]) != self.dist.world_size:
             raise ValueError(f"resume: the run in {out} had {len(rng['torch'])} processes, this one has "
                              f"{self.dist.world_size}; resume it with as many")
-        load_hf_state_dict(self.model, load_file(str(out / "model.safetensors")))
+        load_hf_state_dict(self.model, load_file(str(folder / "model.safetensors")))
         self.optimizer.load_state_dict(saved["optimizer"])
         self.data_rng.set_state(rng["data"])
         torch.set_rng_state(rng["torch"][self.dist.rank])
         if rng["cuda"] is not None and self.dist.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"][self.dist.rank], self.dist.device)
         self.state = TrainState(**saved["state"])
+        if self.dist.is_main:
+            remove_stale_checkpoints(out, keep=folder.name)
 
     def _result(self, it: int, seconds: float, val_loss: float | None, completed: bool) -> dict:
         state, cfg = self.state, self.cfg

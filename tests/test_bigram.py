@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gpt2fast.bigram import CountingBigram, NeuralBigram, bigram_counts, run_bigrams
+from gpt2fast.cli import main
 from gpt2fast.data import default_data_dir, load_text, split_text
 
 SHAKESPEARE = default_data_dir() / "tinyshakespeare.txt"
@@ -195,3 +196,38 @@ def test_bigram_counts_vectorised_matches_loop():
     for a, b in zip(ids[:-1].tolist(), ids[1:].tolist()):
         expected[a, b] += 1
     assert torch.equal(bigram_counts(ids, 6), expected)
+
+
+# --- bad options and data, refused by name ----------------------------------------------
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("steps", -1, "steps must be a finite number >= 0, got -1"),
+    ("lr", 0.0, "lr must be a finite number > 0, got 0.0"),
+    ("lr", float("nan"), "lr must be a finite number > 0, got nan"),
+    ("smoothing", float("inf"), "smoothing must be a finite number >= 0, got inf"),
+    ("batch_size", 0, "batch_size must be a finite number >= 1, got 0"),
+    ("sample_len", -3, "sample_len must be a finite number >= 0, got -3"),
+])
+def test_run_bigrams_refuses_a_bad_option_before_reading(option, value, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        run_bigrams(tmp_path / "never-read.txt", **{option: value})
+
+
+@pytest.mark.parametrize("text", ["", "x" * 30])
+def test_run_bigrams_refuses_a_text_too_short_naming_it(text, tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"short.txt is too short for the bigram models: {len(text)} characters"):
+        run_bigrams(path, progress=False)
+
+
+def test_cli_bigram_refuses_bad_input_in_one_line(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for args, named in ((["--steps=-1"], "steps"), ([f"--data={empty}"], str(empty)),
+                        ([f"--data={tmp_path}"], f"{tmp_path} is a folder")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bigram", *args])
+        message = str(exit_.value)
+        assert message.startswith("gpt2fast bigram: error: ") and named in message and "\n" not in message

@@ -1,9 +1,11 @@
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from gpt2fast.data import DATA_ENV_VAR, default_data_dir, get_batch, load_text, split_text
+from gpt2fast.data import DATA_ENV_VAR, default_data_dir, get_batch, load_text, split_text, tokenize_text
+from gpt2fast.tokenizer import CharTokenizer
 
 
 def test_default_data_dir_is_shared_folder_next_to_repo(monkeypatch):
@@ -79,3 +81,48 @@ def test_get_batch_errors():
         get_batch(torch.arange(100).view(10, 10), 2, 4)
     with pytest.raises(ValueError, match=">= 1"):
         get_batch(torch.arange(100), 0, 4)
+
+
+# ---- bad text files and cache folders: errors that name the path ----
+
+def test_load_text_names_a_folder_a_missing_file_and_a_non_utf8_one(tmp_path):
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path))} is a folder, not a text file"):
+        load_text(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"no text file at {re.escape(str(tmp_path / 'missing.txt'))}"):
+        load_text(tmp_path / "missing.txt")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Où\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{re.escape(str(latin))} is not UTF-8 text: byte 0xf9 at offset 1"):
+        load_text(latin)
+
+
+@pytest.mark.parametrize("text", ["", "a"])
+def test_tokenize_text_refuses_a_text_too_short_to_split(text, tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"short.txt holds {len(text)} characters: too short to split"):
+        tokenize_text(path, cache_dir=tmp_path / "tokens")
+
+
+def test_tokenize_text_names_a_cache_dir_it_cannot_write(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("First Citizen:\nBefore we proceed\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for cache_dir in (blocker, blocker / "below"):
+        with pytest.raises(ValueError, match=f"cannot write token files in {re.escape(str(cache_dir))} "):
+            tokenize_text(text, cache_dir=cache_dir)
+
+
+def test_tokenize_text_with_a_given_char_vocabulary(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("abba cab\n" * 4)
+    vocab = CharTokenizer(" \nabcdefz")  # more characters than the text's, in an order of its own
+    tokens = tokenize_text(text, vocab, cache_dir=tmp_path / "tokens")
+    train, val = split_text(text.read_text())
+    assert tokens.tokenizer.chars == vocab.chars and tokens.train.tolist() == vocab.encode(train)
+    assert tokens.val.tolist() == vocab.encode(val)
+    # The text's own alphabet numbers the same characters otherwise, so it gets files of its own.
+    assert tokenize_text(text, cache_dir=tmp_path / "tokens").folder != tokens.folder
+    with pytest.raises(ValueError, match=re.escape("t.txt holds characters that the char vocabulary lacks: '\\n '")):
+        tokenize_text(text, CharTokenizer("abc"), cache_dir=tmp_path / "tokens")

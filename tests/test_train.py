@@ -3,6 +3,7 @@ token files, resume, gradient accumulation, bf16, compile, the plot, the target 
 import functools
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from gpt2fast import GPT2, GPT2Config
 from gpt2fast.bigram import CountingBigram
+from gpt2fast.cli import main
 from gpt2fast.data import default_data_dir, load_text, split_text, tokenize_text
 from gpt2fast.tokenizer import CharTokenizer, Tokenizer
 from gpt2fast.train import (CHAR_VOCAB_FILE, TrainConfig, evaluate_full, flops_per_token, learning_rate,
@@ -43,8 +45,9 @@ def test_time_budget_anneals_the_schedule_by_the_deadline():
 
 @needs_data
 def test_short_char_run_beats_the_bigram_model_and_saves_a_loadable_checkpoint(tmp_path):
-    cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_iters=300, warmup_iters=30, eval_interval=100,
-                      eval_iters=20, batch_size=16, block_size=64, progress=False)
+    # No time budget: on a loaded machine the default one ended the run before its evaluations.
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_iters=300, max_seconds=0.0, warmup_iters=30,
+                      eval_interval=100, eval_iters=20, batch_size=16, block_size=64, progress=False)
     result = train(cfg)
 
     text = load_text(SHAKESPEARE)
@@ -152,7 +155,7 @@ def test_final_validation_loss_is_the_saved_models(small_text, tmp_path):
 
 
 def test_resume_without_a_checkpoint_is_refused(small_text, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no training_state.pt"):
+    with pytest.raises(FileNotFoundError, match="holds no committed checkpoint"):
         train(tiny(tmp_path, small_text, resume=True))
 
 
@@ -226,3 +229,149 @@ def test_shakespeare_char_preset_is_nanogpts_run():
     assert (cfg.eval_interval, cfg.eval_iters, cfg.max_seconds, cfg.max_iters) == (250, 200, 0.0, 10)
     with pytest.raises(ValueError, match="unknown training preset"):
         train_config("shakespeare")
+
+
+# ---- options are checked by name before any work ----
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("grad_clip", -1.0, r"grad_clip must be >= 0, got -1.0"),
+    ("max_iters", -5, r"max_iters must be >= 0, got -5"),
+    ("warmup_iters", -1, r"warmup_iters must be >= 0, got -1"),
+    ("max_seconds", -1.0, r"max_seconds must be >= 0, got -1.0"),
+    ("stop_at_iter", -1, r"stop_at_iter must be >= 0, got -1"),
+    ("target_val_loss", NAN, r"target_val_loss must be a finite number, got nan"),
+    ("lr", INF, r"lr must be a finite number, got inf"),
+    ("lr", NAN, r"lr must be a finite number, got nan"),
+    ("lr", 0.0, r"lr must be > 0, got 0.0"),
+    ("lr", -1.0, r"lr must be > 0, got -1.0"),
+    ("min_lr", 1.0, r"min_lr \(1.0\) must not exceed lr \(0.003\)"),
+    ("weight_decay", NAN, r"weight_decay must be a finite number, got nan"),
+    ("weight_decay", -1.0, r"weight_decay must be >= 0, got -1.0"),
+    ("beta2", 1.0, r"beta2 must be in \[0, 1\), got 1.0"),
+    ("beta2", -0.5, r"beta2 must be >= 0, got -0.5"),
+    ("dropout", 1.0, r"dropout must be in \[0, 1\), got 1.0"),
+    ("dropout", -0.1, r"dropout must be >= 0, got -0.1"),
+    ("n_layer", -1, r"n_layer must be >= 0, got -1"),
+    ("n_head", -2, r"n_head must be >= 0, got -2"),
+    ("n_embd", -32, r"n_embd must be >= 0, got -32"),
+])
+def test_a_bad_option_is_refused_by_name(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{option: value})
+
+
+@pytest.mark.parametrize("flag", ["--grad-clip=-1", "--lr=inf", "--weight-decay=nan", "--min-lr=1", "--beta2=1",
+                                  "--dropout=1", "--n-layer=-1", "--max-iters=-5", "--target-val-loss=nan"])
+def test_cli_refuses_a_bad_option_in_one_line_before_any_work(flag, small_text, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", f"--data={small_text}", f"--out-dir={tmp_path / 'run'}", flag])
+    message = str(exit_.value)
+    option = flag.removeprefix("--").split("=")[0].replace("-", "_")
+    assert message.startswith(f"gpt2fast train: error: {option} ") and "\n" not in message
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_the_data_is_read(small_text, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    for out_dir in (blocker, blocker / "run"):
+        with pytest.raises(SystemExit, match=f"gpt2fast train: error: out_dir {re.escape(str(out_dir))} is not a "
+                                             f"writable folder"):
+            main(["train", f"--data={small_text}", f"--out-dir={out_dir}", "--no-progress"])
+    assert not (tmp_path / "cache").exists()  # refused before tokenising
+
+
+# ---- bad data: one line naming the path ----
+
+def bad_data(tmp_path, kind):
+    path = tmp_path / kind
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_text("")
+    elif kind == "short":
+        path.write_text("To be, or not to be: that is the question.\n" * 2)  # validation: 9 characters
+    elif kind == "latin-1":
+        path.write_bytes("Où est la plume de ma tante?\n".encode("latin-1") * 100)
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("folder", "{path} is a folder, not a text file"),
+    ("missing", "no text file at {path}"),
+    ("empty", "{path} holds 0 characters: too short to split into training and validation text"),
+    ("short", "{path} is too short: its validation split has 9 tokens, and block_size 16 needs at least 17"),
+    ("latin-1", "{path} is not UTF-8 text: byte 0xf9 at offset 1"),
+])
+def test_cli_refuses_bad_data_naming_the_path(kind, message, tmp_path):
+    path = bad_data(tmp_path, kind)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", f"--data={path}", f"--out-dir={tmp_path / 'run'}", "--block-size=16", "--no-progress"])
+    assert str(exit_.value) == "gpt2fast train: error: " + message.format(path=path)
+
+
+def test_cli_refuses_a_cache_dir_that_cannot_be_written(small_text, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    with pytest.raises(SystemExit, match=f"gpt2fast train: error: cannot write token files in "
+                                         f"{re.escape(str(blocker))} "):
+        main(["train", f"--data={small_text}", f"--out-dir={tmp_path / 'run'}", f"--cache-dir={blocker}"])
+
+
+# ---- fine-tuning a char model: its own alphabet, and the run's dropout ----
+
+@pytest.fixture
+def char_model(small_text, tmp_path):
+    """A char model trained on small_text: the checkpoint to fine-tune, and its vocabulary."""
+    train(tiny(tmp_path, small_text, "base", max_iters=2))
+    vocab = json.loads((tmp_path / "base" / CHAR_VOCAB_FILE).read_text())
+    return tmp_path / "base", CharTokenizer.from_dict(vocab)
+
+
+def fine_tune(tmp_path, text, name, base, **overrides) -> dict:
+    return train(tiny(tmp_path, text, name, init_from=str(base), n_layer=0, n_head=0, n_embd=0, **overrides))
+
+
+def test_fine_tuning_a_char_model_reads_the_text_in_its_own_alphabet(char_model, small_text, tmp_path):
+    base, vocab = char_model
+    lower = tmp_path / "lower.txt"  # fewer characters than the model's: a text of its own would number them anew
+    lower.write_text("".join(c for c in small_text.read_text() if c.islower() or c in " \n"))
+    fine_tune(tmp_path, lower, "tuned", base, max_iters=2)
+
+    saved = CharTokenizer.from_dict(json.loads((tmp_path / "tuned" / CHAR_VOCAB_FILE).read_text()))
+    assert saved.chars == vocab.chars
+    tokens = tokenize_text(lower, vocab)  # the token files the run read, from the cache
+    assert tokens.train.tolist() == vocab.encode(split_text(lower.read_text())[0])
+
+
+def test_fine_tuning_a_char_model_refuses_characters_it_lacks(char_model, small_text, tmp_path):
+    base, _ = char_model
+    odd = tmp_path / "odd.txt"
+    odd.write_text(small_text.read_text() + "mail@example ~home\n")
+    with pytest.raises(ValueError, match=re.escape("holds characters that the char vocabulary lacks: '@~'")):
+        fine_tune(tmp_path, odd, "tuned", base)
+
+
+def test_fine_tuning_at_char_level_refuses_a_checkpoint_without_a_char_vocabulary(small_text, tmp_path):
+    GPT2(GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "bpe")
+    with pytest.raises(ValueError, match="init_from .*bpe has no char_vocab.json, so its token ids are not characters"):
+        fine_tune(tmp_path, small_text, "tuned", tmp_path / "bpe")
+
+
+def test_fine_tuning_honours_dropout(char_model, small_text, tmp_path):
+    base, _ = char_model
+    plain = fine_tune(tmp_path, small_text, "plain", base, max_iters=3)
+    dropped = fine_tune(tmp_path, small_text, "dropped", base, max_iters=3, dropout=0.5)
+    assert dropped["losses"] != plain["losses"]
+    assert json.loads((tmp_path / "dropped" / "config.json").read_text())["resid_pdrop"] == 0.5
+
+
+def test_fine_tuning_refuses_shape_options_and_a_longer_context(char_model, small_text, tmp_path):
+    base, _ = char_model
+    with pytest.raises(ValueError, match="n_layer \\(2\\) cannot reshape the init_from checkpoint"):
+        TrainConfig(init_from=str(base), n_layer=2)
+    with pytest.raises(ValueError, match="block_size \\(32\\) exceeds the context of .* \\(16 positions\\)"):
+        fine_tune(tmp_path, small_text, "long", base, block_size=32)
