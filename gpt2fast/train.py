@@ -386,7 +386,11 @@ def train(cfg: TrainConfig) -> dict:
         with dist.main_first():
             data = tokenize_text(text, _vocabulary(cfg), cfg.cache_dir or None)
         _check_data_fits(data, text, cfg.block_size)
-        return Trainer(cfg, dist, data, data_seconds=time.perf_counter() - started).run()
+        result = Trainer(cfg, dist, data, data_seconds=time.perf_counter() - started).run()
+        # Rank 0 may still be committing the last checkpoint: a rank that tore the group down meanwhile
+        # aborted in gloo ("terminate called without an active exception").
+        dist.barrier()
+        return result
     finally:
         dist.close()
 
