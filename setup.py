@@ -13,7 +13,7 @@ an `__init__.py` there for editable installs, and that package would shadow thei
 The C++/CUDA kernels in `csrc/` build into the extension module `gpt2fast._C` when torch is importable
 at build time (install with `--no-build-isolation`, so that the build sees the torch you installed):
 the CPU kernels always, the CUDA ones too where torch is a CUDA build and a CUDA compiler is found.
-GPT2FAST_NO_EXTENSION=1 skips it; without it the `cuda` backend says why and the ops use the others.
+GPT2FAST_NO_EXTENSION=1 skips it; without it the `native` backend says why and the ops use the others.
 The CUDA kernels compile for sm_80 and sm_90 (A100, H100), or for the architectures in
 GPT2FAST_CUDA_ARCHS (e.g. "90": only the GPU a run has, as .ci/gpu builds); MAX_JOBS sets the parallel
 compilations (torch's build: every core by default).

@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--model", default="gpt2")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--top-p", type=float, default=None, help="sample with top-p (default: greedy)")
-    parser.add_argument("--backend", default="auto", choices=gpt2fast.ops.registry.CHOICES)
+    parser.add_argument("--backend", default="auto", choices=gpt2fast.ops.registry.choices())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--out", default=None, help="also write the result to this JSON file")

@@ -5,7 +5,7 @@ decode on each backend.
     python benchmarks/smoke.py check --out check.json        # every op x backend x dtype x shape against the reference
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 3 \\
         python benchmarks/smoke.py sanitize                  # one small launch of every kernel, forward and backward
-    python benchmarks/smoke.py decode --out decode.json      # gpt2 batch-1 decode tokens/s, torch / triton / cuda
+    python benchmarks/smoke.py decode --out decode.json      # gpt2 batch-1 decode tokens/s, torch / triton / native
     python benchmarks/smoke.py summary RECORD...             # the short tables .ci/gpu prints last (smoke,
                                                              # bench and train records; others are passed over)
 
@@ -37,7 +37,7 @@ import gpt2fast  # noqa: E402
 from gpt2fast import ops  # noqa: E402
 from gpt2fast.ops import reference, registry  # noqa: E402
 
-BACKENDS = ("triton", "cuda")
+BACKENDS = ("triton", "native")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # ||out - ref|| / ||ref|| allowed, per dtype: fp32 arithmetic; one bf16 / fp16 rounding of the outputs and
 # of the intermediates that kernels keep in 16 bits (attention's probabilities, the MLP's activation).
@@ -101,6 +101,11 @@ def cases(shapes: str, dtype: torch.dtype, device: str) -> list[Case]:
                 randn(C, **r, grad=True)), True))
             q, k, v = (randn(B, H, T, D, **r, scale=2.0 if i == 0 else 1.0, grad=True) for i in range(3))
             out.append(Case("causal_attention", tag, (q, k, v), True))
+            out.append(Case("linear", f"{tag} {C}->{3 * C}", (
+                randn(B, T, C, **r, grad=True), randn(C, 3 * C, **r, scale=C ** -0.5, grad=True),
+                randn(3 * C, **r, grad=True)), True))
+            out.append(Case("lm_head", f"{tag} V{z.vocab}", (
+                randn(B, T, C, **r, grad=True), randn(z.vocab, C, **r, scale=C ** -0.5, grad=True)), True))
             rows = B * T
             targets = torch.randint(0, z.vocab, (rows,), device=device)
             targets[::7] = -100

@@ -11,9 +11,8 @@ import os
 
 import pytest
 
-from gpt2fast.bench.suite import SUITES, default_setting, prepare
+from gpt2fast.bench.suite import SUITES, backend_names, default_setting, prepare
 from gpt2fast.bench.timing import sync
-from gpt2fast.ops import registry
 
 SETTING = default_setting(quick=os.environ.get("GPT2FAST_BENCH_QUICK") == "1")
 CASES = [case for op in SUITES for case in SUITES[op](SETTING)]
@@ -28,7 +27,7 @@ def _prepare(case):
 
 
 @pytest.mark.parametrize("case,name", [pytest.param(case, name, id=f"{case.op}-{case.label}-{name}")
-                                       for case in CASES for name in (*registry.CHOICES[1:], *case.peers)])
+                                       for case in CASES for name in (*backend_names(), *case.peers)])
 def test_op(benchmark, case, name):
     args, impls, skipped = _prepare(case)
     if name in skipped:

@@ -12,6 +12,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <iterator>
+#include <type_traits>
+#include <utility>
 
 #include "gpt2fast.h"
 #include "rows.cuh"
@@ -61,6 +64,22 @@ __device__ __forceinline__ void load_rows_async(T* tile, const T* matrix, int64_
 template <typename T>
 bool head_rows_take_16_byte_vectors(const void* data, const HeadStrides& strides, int64_t head_dim) {
   return rows_take_16_byte_vectors<T>(head_dim, {data}, {strides.batch, strides.head, strides.token});
+}
+
+template <const auto& HEAD_DIMS, typename Launch, std::size_t... I>
+cudaError_t with_listed_head_dim(int64_t head_dim, Launch& launch, std::index_sequence<I...>) {
+  cudaError_t err = cudaErrorInvalidValue;
+  ((head_dim == HEAD_DIMS[I] && (err = launch(std::integral_constant<int, static_cast<int>(HEAD_DIMS[I])>{}), true)) ||
+   ...);
+  return err;
+}
+
+// launch(std::integral_constant<int, D>{}) with D = head_dim, where head_dim is one of HEAD_DIMS (a list of
+// gpt2fast.h's): the kernels are instantiated for exactly the head dims the header states and Python reads.
+// cudaErrorInvalidValue for any other.
+template <const auto& HEAD_DIMS, typename Launch>
+cudaError_t with_head_dim(int64_t head_dim, Launch&& launch) {
+  return with_listed_head_dim<HEAD_DIMS>(head_dim, launch, std::make_index_sequence<std::size(HEAD_DIMS)>{});
 }
 
 }  // namespace

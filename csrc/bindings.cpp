@@ -1,11 +1,16 @@
-// The extension module gpt2fast._C: the `cuda` backend's ops as PyTorch operators, gpt2fast::<op>_cuda,
+// The extension module gpt2fast._C: the `native` backend's ops as PyTorch operators, gpt2fast::<op>_native,
 // with a CPU and (where built with CUDA) a CUDA kernel each. Every binding checks its tensors (device,
 // dtype, layout, shapes) and its parameters with TORCH_CHECK, so that a kernel only ever sees what it
-// takes, then calls a launcher from gpt2fast.h. gpt2fast/ops/cuda_backend.py adds the fake (meta)
+// takes, then calls a launcher from gpt2fast.h. gpt2fast/ops/native_backend.py adds the fake (meta)
 // functions and the autograd formulas, and registers the ops with gpt2fast.ops.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <iterator>
+#include <string>
+
 #ifdef GPT2FAST_CUDA
 // c10's stream and guard, not ATen/cuda/CUDAContext.h: that one needs cuBLAS's and cuSPARSE's headers,
 // which the kernels do not use (the matmuls go through ATen).
@@ -44,11 +49,24 @@ void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
+template <std::size_t N>
+bool one_of(const int64_t (&values)[N], int64_t value) {
+  return std::find(std::begin(values), std::end(values), value) != std::end(values);
+}
+
+// The values as a message lists them: "a, b or c".
+template <std::size_t N>
+std::string listed(const int64_t (&values)[N]) {
+  std::string text = std::to_string(values[0]);
+  for (std::size_t i = 1; i < N; ++i) text += (i + 1 == N ? " or " : ", ") + std::to_string(values[i]);
+  return text;
+}
+
 }  // namespace
 #endif  // GPT2FAST_CUDA
 
 // Each op's section holds its bindings (checks, then a launcher from gpt2fast.h), its operator schema
-// gpt2fast::<op>_cuda, and its kernels per dispatch key (CUDA ones only where built with CUDA).
+// gpt2fast::<op>_native, and its kernels per dispatch key (CUDA ones only where built with CUDA).
 
 // ---- layer_norm ----
 
@@ -152,18 +170,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
 }  // namespace
 #endif  // GPT2FAST_CUDA
 
-// gpt2fast/ops/cuda_backend.py registers the autograd formula, which calls the backward op.
+// gpt2fast/ops/native_backend.py registers the autograd formula, which calls the backward op.
 TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
-  m.def("layer_norm_cuda(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? residual) "
+  m.def("layer_norm_native(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? residual) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("layer_norm_backward_cuda(Tensor grad_y, Tensor? grad_h, Tensor h, Tensor weight, Tensor mean, "
+  m.def("layer_norm_backward_native(Tensor grad_y, Tensor? grad_h, Tensor h, Tensor weight, Tensor mean, "
         "Tensor rstd) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef GPT2FAST_CUDA
 TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) {
-  m.impl("layer_norm_cuda", &layer_norm_cuda);
-  m.impl("layer_norm_backward_cuda", &layer_norm_backward_cuda);
+  m.impl("layer_norm_native", &layer_norm_cuda);
+  m.impl("layer_norm_backward_native", &layer_norm_backward_cuda);
 }
 #endif  // GPT2FAST_CUDA
 
@@ -263,19 +281,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_mlp_cuda(const at::Tensor& x
 }  // namespace
 #endif  // GPT2FAST_CUDA
 
-// gpt2fast/ops/cuda_backend.py registers the autograd formulas: bias_gelu's calls its backward op, and
+// gpt2fast/ops/native_backend.py registers the autograd formulas: bias_gelu's calls its backward op, and
 // gelu_mlp's runs torch matmuls around that same backward op.
 TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
-  m.def("bias_gelu_cuda(Tensor x, Tensor bias) -> Tensor");
-  m.def("bias_gelu_backward_cuda(Tensor grad_y, Tensor x, Tensor bias) -> (Tensor, Tensor)");
-  m.def("gelu_mlp_cuda(Tensor x, Tensor w_fc, Tensor b_fc, Tensor w_proj, Tensor b_proj) -> (Tensor, Tensor, Tensor)");
+  m.def("bias_gelu_native(Tensor x, Tensor bias) -> Tensor");
+  m.def("bias_gelu_backward_native(Tensor grad_y, Tensor x, Tensor bias) -> (Tensor, Tensor)");
+  m.def("gelu_mlp_native(Tensor x, Tensor w_fc, Tensor b_fc, Tensor w_proj, Tensor b_proj) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef GPT2FAST_CUDA
 TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) {
-  m.impl("bias_gelu_cuda", &bias_gelu_cuda);
-  m.impl("bias_gelu_backward_cuda", &bias_gelu_backward_cuda);
-  m.impl("gelu_mlp_cuda", &gelu_mlp_cuda);
+  m.impl("bias_gelu_native", &bias_gelu_cuda);
+  m.impl("bias_gelu_backward_native", &bias_gelu_backward_cuda);
+  m.impl("gelu_mlp_native", &gelu_mlp_cuda);
 }
 #endif  // GPT2FAST_CUDA
 
@@ -312,8 +331,8 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q, co
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": k and v must have q's shape ", q.sizes(),
               ", got ", k.sizes(), " and ", v.sizes());
   const int64_t batch = q.size(0), heads = q.size(1), seq_len = q.size(2), head_dim = q.size(3);
-  TORCH_CHECK(head_dim == 32 || head_dim == 64 || head_dim == 128, op, ": head dim must be 32, 64 or 128, got ",
-              head_dim);
+  TORCH_CHECK(one_of(gpt2fast::causal_attention_head_dims, head_dim), op, ": head dim must be ",
+              listed(gpt2fast::causal_attention_head_dims), ", got ", head_dim);
   TORCH_CHECK(batch * heads <= INT32_MAX && seq_len <= int64_t{65535} * 64, op,
               ": at most 2^31 - 1 batch * heads and 4194240 tokens, got ", batch * heads, " and ", seq_len);
   c10::cuda::CUDAGuard guard(q.device());
@@ -333,11 +352,11 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(const at::Tensor& q, co
 
 // Inference only: no autograd formula (gpt2fast.ops runs the reference where inputs require grad).
 TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
-  m.def("causal_attention_cuda(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
+  m.def("causal_attention_native(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
 }
 
 #ifdef GPT2FAST_CUDA
-TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) { m.impl("causal_attention_cuda", &causal_attention_cuda); }
+TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) { m.impl("causal_attention_native", &causal_attention_cuda); }
 #endif  // GPT2FAST_CUDA
 
 
@@ -365,8 +384,8 @@ at::Tensor decode(const char* op, const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(queries >= 1 && queries <= gpt2fast::decode_attention_max_queries && queries <= cache_len, op,
               ": q must hold 1 to ", gpt2fast::decode_attention_max_queries, " queries, and no more than the cache's ",
               cache_len, " positions, got ", queries);
-  TORCH_CHECK(head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128, op,
-              ": head dim must be 16, 32, 64 or 128, got ", head_dim);
+  TORCH_CHECK(one_of(gpt2fast::decode_attention_head_dims, head_dim), op, ": head dim must be ",
+              listed(gpt2fast::decode_attention_head_dims), ", got ", head_dim);
   TORCH_CHECK(lengths.device() == q.device(), op, ": lengths must be on ", q.device(), ", got ", lengths.device());
   TORCH_CHECK(lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong, op,
               ": lengths must be int32 or int64, got ", lengths.scalar_type());
@@ -428,19 +447,19 @@ at::Tensor decode_attention_append_cuda(const at::Tensor& q, at::Tensor& k_cache
 
 // Inference only: no autograd formula (gpt2fast.ops runs the reference where inputs require grad).
 TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
-  m.def("decode_attention_cuda(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths) -> Tensor");
-  m.def("decode_attention_append_cuda(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor lengths, "
+  m.def("decode_attention_native(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths) -> Tensor");
+  m.def("decode_attention_append_native(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor lengths, "
         "Tensor k_new, Tensor v_new) -> Tensor");
 }
 
 #ifdef GPT2FAST_CUDA
 TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) {
-  m.impl("decode_attention_cuda", &decode_attention_cuda);
-  m.impl("decode_attention_append_cuda", &decode_attention_append_cuda);
+  m.impl("decode_attention_native", &decode_attention_cuda);
+  m.impl("decode_attention_append_native", &decode_attention_append_cuda);
 }
 #endif  // GPT2FAST_CUDA
 
-// ---- linear_cross_entropy: the row kernel (the chunks and matmuls are ATen's, in cuda_backend.py) ----
+// ---- linear_cross_entropy: the row kernel (the chunks and matmuls are ATen's, in native_backend.py) ----
 
 #ifdef GPT2FAST_CUDA
 namespace {
@@ -476,12 +495,12 @@ at::Tensor cross_entropy_rows_cuda(const at::Tensor& logits, const at::Tensor& t
 #endif  // GPT2FAST_CUDA
 
 TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
-  m.def("cross_entropy_rows_cuda(Tensor(a!) logits, Tensor targets, Tensor scale, int ignore_index, "
+  m.def("cross_entropy_rows_native(Tensor(a!) logits, Tensor targets, Tensor scale, int ignore_index, "
         "bool write_grad) -> Tensor");
 }
 
 #ifdef GPT2FAST_CUDA
-TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) { m.impl("cross_entropy_rows_cuda", &cross_entropy_rows_cuda); }
+TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) { m.impl("cross_entropy_rows_native", &cross_entropy_rows_cuda); }
 #endif  // GPT2FAST_CUDA
 
 
@@ -522,10 +541,10 @@ at::Tensor sample_cpu(const at::Tensor& logits, double temperature, int64_t top_
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
-  m.def("sample_cuda(Tensor logits, float temperature, int top_k, float top_p, Tensor seed) -> Tensor");
+  m.def("sample_native(Tensor logits, float temperature, int top_k, float top_p, Tensor seed) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(gpt2fast, CPU, m) { m.impl("sample_cuda", &sample_cpu); }
+TORCH_LIBRARY_IMPL(gpt2fast, CPU, m) { m.impl("sample_native", &sample_cpu); }
 
 #ifdef GPT2FAST_CUDA
 namespace {
@@ -563,14 +582,34 @@ at::Tensor sample_cuda(const at::Tensor& logits, double temperature, int64_t top
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) { m.impl("sample_cuda", &sample_cuda); }
+TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) { m.impl("sample_native", &sample_cuda); }
 #endif  // GPT2FAST_CUDA
 
-// Python imports the module to load the operators above; it also says what was compiled in.
+namespace {
+
+template <std::size_t N>
+pybind11::tuple tuple_of(const int64_t (&values)[N]) {
+  pybind11::tuple t(N);
+  for (std::size_t i = 0; i < N; ++i) t[i] = values[i];
+  return t;
+}
+
+}  // namespace
+
+// Python imports the module to load the operators above; it also says what was compiled in, and the
+// kernels' limits (gpt2fast.h's), which gpt2fast/ops/native_backend.py checks inputs against.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef GPT2FAST_CUDA
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.def("limits", [] {
+    pybind11::dict limits;
+    limits["layer_norm_max_width"] = gpt2fast::layer_norm_max_width;
+    limits["causal_attention_head_dims"] = tuple_of(gpt2fast::causal_attention_head_dims);
+    limits["decode_attention_head_dims"] = tuple_of(gpt2fast::decode_attention_head_dims);
+    limits["decode_attention_max_queries"] = gpt2fast::decode_attention_max_queries;
+    return limits;
+  }, "The kernels' limits, by their names in csrc/gpt2fast.h.");
 }

@@ -424,12 +424,9 @@ cudaError_t causal_attention_forward_cuda(DType dtype, const void* q, HeadStride
         !head_rows_take_16_byte_vectors<T>(v, v_strides, head_dim) || reinterpret_cast<uintptr_t>(out) % 16 != 0) {
       return cudaErrorInvalidValue;
     }
-    switch (head_dim) {
-      case 32: return launch_causal_attention<MathFor<T, 32>>(p, batch_heads, stream);
-      case 64: return launch_causal_attention<MathFor<T, 64>>(p, batch_heads, stream);
-      case 128: return launch_causal_attention<MathFor<T, 128>>(p, batch_heads, stream);
-      default: return cudaErrorInvalidValue;
-    }
+    return with_head_dim<causal_attention_head_dims>(head_dim, [&](auto d) {
+      return launch_causal_attention<MathFor<T, decltype(d)::value>>(p, batch_heads, stream);
+    });
   });
 }
 

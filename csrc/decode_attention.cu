@@ -375,13 +375,9 @@ cudaError_t decode_attention_cuda(DType dtype, const void* q, HeadStrides q_stri
         !head_rows_take_16_byte_vectors<T>(v_cache, v_strides, head_dim)) {
       return cudaErrorInvalidValue;
     }
-    switch (head_dim) {
-      case 16: return launch_decode_attention<T, 16>(p, batch_heads, stream);
-      case 32: return launch_decode_attention<T, 32>(p, batch_heads, stream);
-      case 64: return launch_decode_attention<T, 64>(p, batch_heads, stream);
-      case 128: return launch_decode_attention<T, 128>(p, batch_heads, stream);
-      default: return cudaErrorInvalidValue;
-    }
+    return with_head_dim<decode_attention_head_dims>(head_dim, [&](auto d) {
+      return launch_decode_attention<T, decltype(d)::value>(p, batch_heads, stream);
+    });
   });
 }
 

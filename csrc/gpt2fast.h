@@ -7,6 +7,17 @@
 
 namespace gpt2fast {
 
+// ---- the CUDA kernels' limits, in every build: gpt2fast._C.limits() hands them to Python, whose checks refuse
+// (to the reference) what the kernels do not take, so that this is the one place they are written ----
+
+// The widest row the LayerNorm kernels take: a row lives in registers, at most 16 values a thread.
+inline constexpr int64_t layer_norm_max_width = 8192;
+// The head dims each attention kernel is compiled for (one instantiation each).
+inline constexpr int64_t causal_attention_head_dims[] = {32, 64, 128};
+inline constexpr int64_t decode_attention_head_dims[] = {16, 32, 64, 128};
+// The most queries per sequence decode_attention_cuda takes in one call (decoding appends a few tokens).
+inline constexpr int64_t decode_attention_max_queries = 16;
+
 // ---- sample (CPU): temperature, then top-k, then top-p (transformers' logits warpers), then one draw ----
 
 // One id for one row of `vocab` logits, drawn from exactly the distribution of the reference
@@ -41,9 +52,6 @@ cudaError_t cross_entropy_rows_cuda(DType dtype, void* logits, int64_t row_strid
                                     int64_t ignore_index, bool write_grad, cudaStream_t stream);
 
 // ---- layer_norm (CUDA) ----
-
-// The widest row the LayerNorm kernels take: a row lives in registers, at most 16 values a thread.
-constexpr int64_t layer_norm_max_width = 8192;
 
 // LayerNorm over `rows` rows of `width` (1 to layer_norm_max_width) elements, with the residual add fused:
 // h = x + residual, rounded to dtype and written to h; y = (h - mean) * rstd * weight + bias, with
@@ -104,8 +112,9 @@ struct HeadStrides {
 // Causal attention forward, flash-attention style: out = softmax(q k^T / sqrt(D), causal) v, and lse, each
 // query's natural log-sum-exp of its scaled, masked scores, which a backward uses to recompute the softmax.
 // q, k, v: [B, H, T, D] of any strides that keep rows 16-byte aligned (aligned pointers, strides a multiple
-// of 16 bytes); out: dense [B, H, T, D] of the same dtype; lse: dense fp32 [B, H, T]. D is 32, 64 or 128;
-// fp32 runs on the FMA units, fp16 and bf16 on the tensor cores with fp32 accumulation. No scratch memory.
+// of 16 bytes); out: dense [B, H, T, D] of the same dtype; lse: dense fp32 [B, H, T]. D is one of
+// causal_attention_head_dims; fp32 runs on the FMA units, fp16 and bf16 on the tensor cores with fp32
+// accumulation. No scratch memory.
 // cudaErrorInvalidValue for a head dim, a stride or an alignment it does not take.
 cudaError_t causal_attention_forward_cuda(DType dtype, const void* q, HeadStrides q_strides, const void* k,
                                           HeadStrides k_strides, const void* v, HeadStrides v_strides, void* out,
@@ -115,19 +124,17 @@ cudaError_t causal_attention_forward_cuda(DType dtype, const void* q, HeadStride
 
 // ---- decode_attention (CUDA) ----
 
-// The most queries per sequence decode_attention_cuda takes in one call (decoding appends a few tokens).
-constexpr int64_t decode_attention_max_queries = 16;
-
 // How many chunks decode_attention_cuda should cut a cache of cache_len positions into, for batch * heads
 // sequences on the current device: enough blocks to keep every SM streaming the cache.
 cudaError_t decode_attention_splits(int64_t batch_heads, int64_t cache_len, int* splits);
 
-// Flash-decoding: the `queries` (1 to 16) newest tokens of each sequence against its KV cache. Query i of
-// sequence b sits at position lengths[b] - queries + i and attends, with scale 1/sqrt(D), to keys 0 .. that
-// position; cache entries at or past lengths[b] are never read (they may hold NaN). q: [B, H, queries, D];
-// k_cache, v_cache: [B, H, S, D]; all three of any strides that keep rows 16-byte aligned. lengths: [B]
-// int32 or int64 (lengths_int64) in device memory, read by the kernel (no host sync), each in [queries, S]
-// (gpt2fast.ops checks them). out: dense [B, H, queries, D] of q's dtype. D is 16, 32, 64 or 128.
+// Flash-decoding: the `queries` (1 to decode_attention_max_queries) newest tokens of each sequence against
+// its KV cache. Query i of sequence b sits at position lengths[b] - queries + i and attends, with scale
+// 1/sqrt(D), to keys 0 .. that position; cache entries at or past lengths[b] are never read (they may hold
+// NaN). q: [B, H, queries, D]; k_cache, v_cache: [B, H, S, D]; all three of any strides that keep rows
+// 16-byte aligned. lengths: [B] int32 or int64 (lengths_int64) in device memory, read by the kernel (no host
+// sync), each in [queries, S] (gpt2fast.ops checks them). out: dense [B, H, queries, D] of q's dtype. D is
+// one of decode_attention_head_dims.
 // The cache is cut into num_splits chunks (decode_attention_splits says how many), one block each; with
 // more than one, each chunk writes its partial result (its running max in log2 units, sum of exponentials
 // and unnormalised output, fp32) to the caller's scratch, dense partial_acc [B * H, num_splits, queries, D],

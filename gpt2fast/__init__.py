@@ -9,12 +9,13 @@ the GPT2FAST_BACKEND environment variable.
 """
 from . import ops
 from .config import PRESETS, GPT2Config
+from .gpt2 import GPT2
 from .hf import apply_to_transformers_gpt2, patch_hf, revert_transformers_gpt2, unpatch
-from .model import GPT2, KVCache
+from .model import KVCache, Transformer
 from .ops import get_backend, set_backend, use_backend
 from .tokenizer import CharTokenizer, Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["GPT2", "GPT2Config", "KVCache", "PRESETS", "Tokenizer", "CharTokenizer", "ops",
+__all__ = ["GPT2", "GPT2Config", "KVCache", "Transformer", "PRESETS", "Tokenizer", "CharTokenizer", "ops",
            "set_backend", "get_backend", "use_backend", "patch_hf", "unpatch", "apply_to_transformers_gpt2",
            "revert_transformers_gpt2", "__version__"]

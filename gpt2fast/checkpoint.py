@@ -1,4 +1,7 @@
-"""Hugging Face GPT-2 checkpoints in and out: folders, hub names, live `transformers` models."""
+"""Hugging Face GPT-2 checkpoints in and out: folders, hub names, live `transformers` models.
+
+Loading builds the class it is given (`cls`: `Transformer` or a subclass, such as `gpt2fast.GPT2`).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import GPT2Config
-from .model import GPT2
+from .model import Transformer
 
 log = logging.getLogger("gpt2fast")
 
@@ -103,24 +106,24 @@ def _check_sizes(config: GPT2Config, incoming: dict[str, torch.Tensor], source: 
     _check_tensors(carriers, {name: incoming[name] for name in carriers if name in incoming}, source)
 
 
-def _shapes(model: GPT2) -> dict[str, tuple[int, ...]]:
+def _shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-def _copy_into(model: GPT2, incoming: dict[str, torch.Tensor]) -> None:
+def _copy_into(model: Transformer, incoming: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, p in model.state_dict().items():
             p.copy_(incoming[name])
 
 
-def load_hf_state_dict(model: GPT2, state: dict[str, torch.Tensor]) -> None:
+def load_hf_state_dict(model: Transformer, state: dict[str, torch.Tensor]) -> None:
     """Copy an HF GPT-2 state dict into `model`, naming every missing, unexpected or mis-shaped tensor."""
     incoming = _from_hf_state_dict(state, "checkpoint")
     _check_tensors(_shapes(model), incoming, "checkpoint")
     _copy_into(model, incoming)
 
 
-def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """Our tensors under HF GPT2LMHeadModel names; the tied lm_head.weight is left out, as HF saves it."""
     return {f"transformer.{name}": t.contiguous() for name, t in model.state_dict().items()}
 
@@ -275,30 +278,31 @@ def _checkpoint_folder(name_or_path) -> Path:
     return folder
 
 
-def from_pretrained(name_or_path, dtype: torch.dtype | None = None, device=None) -> GPT2:
+def from_pretrained(name_or_path, dtype: torch.dtype | None = None, device=None, *,
+                    cls: type[Transformer] = Transformer) -> Transformer:
     folder = _checkpoint_folder(name_or_path)
     config = _read_config(folder / "config.json")
     state, source = _read_weights(folder)
     incoming = _from_hf_state_dict(state, str(source))
     _check_sizes(config, incoming, str(source))
     with torch.device("meta"):
-        model = GPT2(config)
+        model = cls(config)
     _check_tensors(_shapes(model), incoming, str(source))
     model = model.to_empty(device="cpu")
     _copy_into(model, incoming)
     return model.to(device=device, dtype=dtype).eval()
 
 
-def from_hf(hf_model) -> GPT2:
-    """A live transformers GPT2LMHeadModel (or GPT2Model) -> GPT2 with the same weights (copied)."""
+def from_hf(hf_model, *, cls: type[Transformer] = Transformer) -> Transformer:
+    """A live transformers GPT2LMHeadModel (or GPT2Model) -> a `cls` with the same weights (copied)."""
     config = config_from_hf(hf_model.config.to_dict())
-    model = GPT2(config)
+    model = cls(config)
     load_hf_state_dict(model, hf_model.state_dict())
     p = next(hf_model.parameters())
     return model.to(device=p.device, dtype=p.dtype).eval()
 
 
-def save_pretrained(model: GPT2, path) -> None:
+def save_pretrained(model: Transformer, path) -> None:
     from safetensors.torch import save_file
 
     folder = Path(path)

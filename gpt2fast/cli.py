@@ -18,7 +18,7 @@ from .config import PRESETS, GPT2Config
 from .data import default_data_dir
 from .distributed import resolve_device
 from .env_info import environment
-from .model import GPT2
+from .gpt2 import GPT2
 from .ops import registry
 from .tokenizer import CharTokenizer, Tokenizer
 from .train import CHAR_VOCAB_FILE, TRAIN_PRESETS, TrainConfig, train, train_config
@@ -148,13 +148,9 @@ def cmd_bigram(args) -> None:
 
 
 def describe_backends() -> list[tuple[str, str, str]]:
-    """(backend, status, detail) rows, one per backend name."""
+    """(backend, status, detail) rows, one per registered backend."""
     rows = []
-    for name in registry.CHOICES[1:]:
-        backend = registry.backends().get(name)
-        if backend is None:
-            rows.append((name, "unavailable", "not registered: this installation has no implementation of it"))
-            continue
+    for name, backend in registry.backends().items():
         reason = backend.unavailable_reason()
         implemented = ", ".join(op for op in registry.OPS if op in backend.impls) or "none"
         rows.append((name, "unavailable" if reason else "available",
@@ -163,8 +159,10 @@ def describe_backends() -> list[tuple[str, str, str]]:
 
 
 def cmd_backends(args) -> None:
-    for name, status, detail in describe_backends():
-        print(f"{name:<8} {status:<12} {detail}")
+    rows = describe_backends()
+    width = max(len(name) for name, _, _ in rows)
+    for name, status, detail in rows:
+        print(f"{name:<{width}} {status:<12} {detail}")
     current, overrides = registry.get_backend(), {op: registry.get_backend(op) for op in registry.OPS}
     print(f"\nselected: {current}" + "".join(f"\n  {op}: {b}" for op, b in overrides.items() if b != current))
     for device_type in registry.AUTO_ORDER:
@@ -208,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--backend", default="auto", choices=registry.CHOICES)
+    # Former names still select their backend, with a FutureWarning, but --help lists the current ones only.
+    g.add_argument("--backend", default=registry.AUTO, choices=[*registry.choices(), *registry.RENAMED],
+                   metavar="{" + ",".join(registry.choices()) + "}")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", default="float32", choices=list(DTYPES))
     g.set_defaults(func=cmd_generate)

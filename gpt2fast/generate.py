@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .model import GPT2
+from .model import Transformer
 
 
 def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,24 +59,26 @@ DECODE_MODES = ("auto", "graph", "compile", "eager")
 class Decoder:
     """Decodes a batch one token per step over static buffers.
 
-    The buffers: a static KV cache, each sequence's last token, and the eos flags. One step (embed the
-    last tokens, every layer with its KV append, the final LayerNorm, the LM head on the new position,
-    sampling, the eos bookkeeping) reads and writes only them and never waits for the host, so that on
-    CUDA it is captured once in a CUDA graph and then replayed per token ("graph"); "compile" runs the
-    step through torch.compile (and captures that in a graph on CUDA); "eager" calls it as it is.
+    The buffers: a KV cache, each sequence's last token, and the eos flags. One step (the model's
+    `decode_step`: embed the last tokens, every layer with its KV append, the final LayerNorm, the LM head on
+    the new position; then sampling and the eos bookkeeping) reads and writes only them and never waits for
+    the host, so that on CUDA it is captured once in a CUDA graph and then replayed per token ("graph");
+    "compile" runs the model's step through torch.compile (and captures that in a graph on CUDA); "eager"
+    calls it as it is. The host keeps its own count of the positions used, for the check that one is left.
 
     A decoder serves any number of generations with the same batch size, capacity and sampling settings:
     `start` prefills a new batch of prompts into the same buffers, so the graph is captured once.
     """
 
-    def __init__(self, model: GPT2, batch: int, capacity: int, *, temperature: float, top_k: int | None,
+    def __init__(self, model: Transformer, batch: int, capacity: int, *, temperature: float, top_k: int | None,
                  top_p: float | None, eos_token_id: int | None, seeded: bool, mode: str):
         device = model.device
         self.mode = _resolved_mode(mode, device)
         # A weak reference: the model keeps its decoder (see decoder_for), and the decoder must not keep the model.
         self._model = weakref.ref(model)
         self.temperature, self.top_k, self.top_p, self.eos = temperature, top_k, top_p, eos_token_id
-        self.cache = model.new_cache(batch, capacity, static=True)
+        self.cache = model.new_cache(batch, capacity)
+        self.used = 0  # positions of the cache the longest sequence may have filled
         self.last = torch.zeros(batch, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.all_finished = torch.zeros((), dtype=torch.bool, device=device)
@@ -84,8 +86,8 @@ class Decoder:
         self.generator = torch.Generator(device=device) if seeded else None
         # Only the model's step is compiled; sampling stays a call to our kernels (torch.compile takes no
         # generator, and its own top-p fails inside inductor at batch > 1).
-        self._decode_step = torch.compile(GPT2.decode_step, fullgraph=True) if self.mode == "compile" \
-            else GPT2.decode_step
+        decode_step = type(model).decode_step
+        self._decode_step = torch.compile(decode_step, fullgraph=True) if self.mode == "compile" else decode_step
         self.key: tuple = ()  # set by decoder_for
         self.busy = False  # a live generation holds it (see `_held_decoder`): no other may use it
         self._graph = None
@@ -100,22 +102,20 @@ class Decoder:
             self._events = [torch.cuda.Event() for _ in range(self.lookahead + 1)]
 
     @property
-    def model(self) -> GPT2:
+    def model(self) -> Transformer:
         return self._model()
 
     def start(self, ids: torch.Tensor, lengths: torch.Tensor, seed: int | None = None) -> None:
         """Prefill packed prompts (ids [B, T], lengths [B]) and choose each sequence's first new token."""
-        self.cache.lengths.zero_()
-        self.cache.filled = 0
         self.finished.zero_()
         if self.generator is not None:
             self.generator.manual_seed(seed)
-        logits = self.model._forward(ids, self.cache, input_lengths=lengths, last_only=True)[:, -1]
-        self._choose(logits)
+        self._choose(self.model.prefill(ids, self.cache, lengths))
+        self.used = ids.shape[1]
 
     def step(self) -> None:
         """The next token of every sequence, into `last`."""
-        if self.cache.filled >= self.cache.capacity:
+        if self.used >= self.cache.capacity:
             raise ValueError(f"the decoder's KV cache is full ({self.cache.capacity} positions)")
         if self._graph is not None:
             self._graph.replay()
@@ -131,7 +131,7 @@ class Decoder:
                 self._warm = True
         else:
             self._step()
-        self.cache.filled += 1
+        self.used += 1
 
     def _step(self) -> None:
         self._choose(self._decode_step(self.model, self.last, self.cache))
@@ -191,6 +191,7 @@ class Decoder:
         event.record()
         return lambda: event.synchronize() or bool(host)
 
+
 def _resolved_mode(mode: str, device: torch.device) -> str:
     """The decode mode to run on device: "auto" is graph on CUDA, eager elsewhere."""
     if mode not in DECODE_MODES:
@@ -216,7 +217,7 @@ _LOCK = threading.Lock()  # guards both, so that two threads never take the same
 _CAPTURE_LOCK = threading.Lock()
 
 
-def decoder_for(model: GPT2, batch: int, capacity: int, *, temperature: float, top_k: int | None,
+def decoder_for(model: Transformer, batch: int, capacity: int, *, temperature: float, top_k: int | None,
                 top_p: float | None, eos_token_id: int | None, seeded: bool, mode: str) -> Decoder:
     """The model's kept decoder if it matches and no generation holds it, else a new one, which the model
     keeps instead (a held one stays with its generation until that ends)."""
@@ -232,14 +233,14 @@ def decoder_for(model: GPT2, batch: int, capacity: int, *, temperature: float, t
     return decoder
 
 
-def release_decoder(model: GPT2) -> None:
+def release_decoder(model: Transformer) -> None:
     """Drop the decoder the model keeps (its KV cache, buffers and CUDA graph), freeing their memory now rather
     than at the next generation with other settings or when the model goes."""
     _DECODERS.pop(model, None)
 
 
 @contextlib.contextmanager
-def _held_decoder(model: GPT2, batch: int, capacity: int, **settings) -> Iterator[Decoder]:
+def _held_decoder(model: Transformer, batch: int, capacity: int, **settings) -> Iterator[Decoder]:
     """A decoder held by one generation until it ends, with the model in eval mode (no dropout) meanwhile:
     the first live generation switches it, the last one puts back the mode it found."""
     with _LOCK:
@@ -275,7 +276,7 @@ def _checked_int(name: str, value, low: int, high: int | None) -> int:
 
 
 @torch.inference_mode()
-def stream(model: GPT2, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = True,
+def stream(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = True,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            seed: int | None = None, attention_mask: torch.Tensor | None = None,
            eos_token_id: int | None = None, decode: str = "auto") -> Iterator[torch.Tensor]:
@@ -310,7 +311,7 @@ def stream(model: GPT2, input_ids: torch.Tensor, max_new_tokens: int, *, do_samp
         yield from decoder.tokens(max_new_tokens)
 
 
-def generate(model: GPT2, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+def generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """input_ids [B, T] followed by the generated tokens: [B, T + new], new <= max_new_tokens (eos stops early).
 
     Takes the keyword arguments of `stream`. With padded prompts the new tokens of every row start at

@@ -1,63 +1,44 @@
 """GPT-2 in one file: embeddings, pre-LN blocks, causal self-attention, GELU MLP, tied LM head.
 
-Every hot path goes through `gpt2fast.ops`, which picks the backend; the model never branches on one.
+Every hot path goes through `gpt2fast.ops`, which picks the backend; the model never branches on a backend
+or a device.
 The residual add is fused into the LayerNorm that follows it (llm.c's layout): each LayerNorm takes
 the sub-layer output not yet added to the residual stream and returns (normed, new stream).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import ops
 from .config import GPT2Config
-from .ops import linear
 
 
 @dataclass
 class KVCache:
     """Preallocated keys and values [n_layer, B, H, capacity, D] and the valid length of each sequence.
 
-    A static cache hands every layer its whole capacity, so that the shapes of a decode step never
-    change (what a CUDA graph or torch.compile needs); otherwise each layer gets the positions any
-    sequence can have used so far, a host-side bound that needs no device sync.
+    Every layer sees the whole capacity, so the shapes of a decode step never change (what a CUDA graph or
+    torch.compile needs); the attention op reads each sequence only up to its length.
     """
 
     k: torch.Tensor
     v: torch.Tensor
-    lengths: torch.Tensor  # [B] int64
-    filled: int = 0  # host-side upper bound of lengths, so capacity checks need no device sync
-    static: bool = False
-    # Set for the forward in flight: the lengths after it (the new tokens included), and the bound above.
-    step_lengths: torch.Tensor | None = field(default=None, init=False)
-    _bound: int = field(default=0, init=False, repr=False)
+    lengths: torch.Tensor  # [B] int64, on the cache's device
 
     @classmethod
-    def allocate(cls, config: GPT2Config, batch: int, capacity: int, dtype, device, static: bool = False) -> "KVCache":
+    def allocate(cls, config: GPT2Config, batch: int, capacity: int, dtype, device) -> "KVCache":
         if capacity > config.n_positions:
             raise ValueError(f"KV cache capacity {capacity} exceeds n_positions = {config.n_positions}")
         shape = (config.n_layer, batch, config.n_head, capacity, config.head_dim)
         return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device),
-                   torch.zeros(batch, dtype=torch.long, device=device), static=static)
+                   torch.zeros(batch, dtype=torch.long, device=device))
 
     @property
     def capacity(self) -> int:
         return self.k.shape[3]
-
-    def start_step(self, n_new: int) -> None:
-        """Computed once per forward that appends n_new tokens to every sequence, used by every layer."""
-        self.step_lengths = self.lengths + n_new
-        if not self.static:
-            self._bound = self.filled + n_new
-
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's keys and values [B, H, S, D]: the whole capacity if static, else cut to the bound."""
-        if self.static:
-            return self.k[i], self.v[i]
-        return self.k[i, :, :, :self._bound], self.v[i, :, :, :self._bound]
 
 
 class Linear(nn.Module):
@@ -70,7 +51,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias)
 
 
 class LayerNorm(nn.Module):
@@ -91,19 +72,22 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, prefill: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                new_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """With a cache and no new_lengths, x is a prompt filling the cache from position 0; with new_lengths
+        [B], x holds tokens appended to each sequence, whose lengths become new_lengths."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is None:
             y = ops.causal_attention(q, k, v)
-        elif prefill:  # the prompt attends to itself; its keys and values seed the cache
+        elif new_lengths is None:  # the prompt attends to itself; its keys and values seed the cache
             cache.k[self.layer, :, :, :T] = k
             cache.v[self.layer, :, :, :T] = v
             y = ops.causal_attention(q, k, v)
         else:  # the new tokens' keys and values are appended by the attention op itself
-            k_cache, v_cache = cache.layer(self.layer)
-            # The model keeps the lengths within [T, capacity] (its host-side checks): no device check needed.
-            y = ops.decode_attention(q, k_cache, v_cache, cache.step_lengths, k, v, lengths_checked=True)
+            # The model keeps the lengths within [T, capacity]: no device check needed.
+            y = ops.decode_attention(q, cache.k[self.layer], cache.v[self.layer], new_lengths, k, v,
+                                     lengths_checked=True)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -126,17 +110,20 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, y, h, cache=None, prefill=False):
+    def forward(self, y, h, cache=None, new_lengths=None):
         """y: the previous sub-layer's output, still to be added to the residual stream h (None at the start)."""
         if h is None:
             a, h = self.ln_1(y), y
         else:
             a, h = self.ln_1(y, residual=h)
-        a, h = self.ln_2(self.drop(self.attn(a, cache, prefill)), residual=h)
+        a, h = self.ln_2(self.drop(self.attn(a, cache, new_lengths)), residual=h)
         return self.drop(self.mlp(a)), h
 
 
-class GPT2(nn.Module):
+class Transformer(nn.Module):
+    """GPT-2's network: token ids in, logits out, with or without a KV cache. `gpt2fast.GPT2` adds loading,
+    saving and generation to it."""
+
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.config = config
@@ -145,7 +132,6 @@ class GPT2(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
-        self._drop_head_copy()  # see lm_head
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -177,62 +163,102 @@ class GPT2(nn.Module):
             raise TypeError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
         if input_ids.device != self.device:
             raise ValueError(f"input_ids are on {input_ids.device} but the model is on {self.device}")
-        if torch.compiler.is_compiling() or not input_ids.numel():
-            return  # the range check reads the values: eager only (compiled, the embedding still bounds-checks)
-        if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:
-            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        ops.check_token_ids(input_ids, self.config.vocab_size)
+
+    def _check_fits(self, n: int, cache: KVCache | None = None) -> None:
+        """Refuse a forward that would need n positions, more than the context or the cache holds."""
+        if n > self.config.n_positions:
+            raise ValueError(f"sequence of {n} tokens is longer than the context, "
+                             f"n_positions = {self.config.n_positions}")
+        if cache is not None and n > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} positions, {n} needed")
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 input_lengths: torch.Tensor | None = None, last_only: bool = False,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] (or [B, 1, V] with last_only) for input_ids [B, T]; with targets, the loss instead.
 
-        With a cache, the tokens are appended to each sequence at its current length; input_lengths [B]
-        says how many of the T tokens are real in each row (right padding; default all T), and
-        last_only returns the logits of each row's last real token. With targets [B, T] it returns
-        `loss(input_ids, targets)`, the fused LM head + cross-entropy (so that a wrapper such as DDP, which
-        only sees forward, trains through it).
+        With a cache, an empty one is filled with the tokens (a prefill), and a filled one has them appended
+        to each sequence at its current length. To tell which and to check the cache's capacity, this reads
+        the lengths on the host: off the CPU, one wait for the device. Generation calls `prefill` and
+        `decode_step`, which never do. input_lengths [B] says how many of the T tokens are real in each row
+        (right padding; default all T), and last_only returns the logits of each row's last real token.
+        With targets [B, T] it returns `loss(input_ids, targets)`, the fused LM head + cross-entropy (so that
+        a wrapper such as DDP, which only sees forward, trains through it).
         """
         if targets is not None:
             if cache is not None or input_lengths is not None or last_only:
                 raise ValueError("targets (training) take no cache, input_lengths or last_only")
             return self.loss(input_ids, targets)
         self.check_input_ids(input_ids)
-        return self._forward(input_ids, cache, input_lengths, last_only)
-
-    def _forward(self, input_ids, cache=None, input_lengths=None, last_only=False):
-        B, T = input_ids.shape
-        start = 0 if cache is None else cache.filled
-        if start + T > self.config.n_positions:
-            raise ValueError(f"sequence of {start + T} tokens is longer than the context, "
-                             f"n_positions = {self.config.n_positions}")
-        if cache is not None and start + T > cache.capacity:
-            raise ValueError(f"KV cache holds {cache.capacity} positions, {start + T} needed")
-        positions = torch.arange(T, device=input_ids.device)[None, :]
-        prefill = cache is not None and cache.filled == 0
-        if cache is not None:
-            positions = positions + cache.lengths[:, None]
-            cache.start_step(T)
-        x = self._blocks(input_ids, positions, cache, prefill, input_lengths if last_only else None, last_only)
-        if cache is not None:
-            cache.lengths += T if input_lengths is None else input_lengths
-            cache.filled += T
+        T = input_ids.shape[1]
+        last = self._last_positions(input_ids, input_lengths) if last_only else None
+        if cache is None:
+            self._check_fits(T)
+            positions = torch.arange(T, device=input_ids.device)[None, :]
+            return self.lm_head(self._blocks(input_ids, positions, last=last))
+        start = int(cache.lengths.max())
+        self._check_fits(start + T, cache)
+        if start == 0:
+            return self._prefill(input_ids, cache, input_lengths, last)
+        new_lengths = cache.lengths + T
+        positions = cache.lengths[:, None] + torch.arange(T, device=input_ids.device)
+        x = self._blocks(input_ids, positions, cache=cache, new_lengths=new_lengths, last=last)
+        cache.lengths += T if input_lengths is None else input_lengths
         return self.lm_head(x)
 
-    def _blocks(self, input_ids, positions, cache, prefill, input_lengths, last_only):
-        """Embeddings, every block and the final LayerNorm: [B, T, C], or [B, 1, C] with last_only (each
-        row's last real token, by input_lengths when given)."""
+    def prefill(self, input_ids: torch.Tensor, cache: KVCache, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, V] of each row's last real token, the cache started afresh with input_ids [B, T].
+
+        lengths [B] says how many of the T tokens are real in each row (right padding; default all T). The
+        ids are taken as checked (`check_input_ids` reads their values, a wait for the device), and nothing
+        is read on the host.
+        """
+        self._check_fits(input_ids.shape[1], cache)
+        return self._prefill(input_ids, cache, lengths, self._last_positions(input_ids, lengths))[:, 0]
+
+    @staticmethod
+    def _last_positions(input_ids, lengths):
+        """The position of each row's last real token: [B]."""
+        B, T = input_ids.shape
+        return (torch.full((B,), T, device=input_ids.device) if lengths is None else lengths) - 1
+
+    def _prefill(self, input_ids, cache, lengths, last):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+        x = self._blocks(input_ids, positions, cache=cache, last=last)
+        if lengths is None:
+            cache.lengths.fill_(input_ids.shape[1])
+        else:
+            cache.lengths.copy_(lengths)
+        return self.lm_head(x)
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, V] after appending one token per sequence, tokens [B], to the cache.
+
+        Fixed shapes, device-side lengths, and no host-side state read or written: this is the step a CUDA
+        graph captures and torch.compile compiles. The caller makes sure a position is left in the cache;
+        see `gpt2fast.generate.Decoder`.
+        """
+        new_lengths = cache.lengths + 1
+        x = self._blocks(tokens[:, None], cache.lengths[:, None], cache=cache, new_lengths=new_lengths)
+        cache.lengths.copy_(new_lengths)
+        return self.lm_head(x)[:, 0]
+
+    def _blocks(self, input_ids, positions, *, cache=None, new_lengths=None, last=None):
+        """Embeddings, every block and the final LayerNorm: [B, T, C], or [B, 1, C] with last [B], the
+        position of the one token of each row that goes on (the LM head then runs on those only)."""
         y = self.drop(self.wte(input_ids) + self.wpe(positions))
         h = None
         for block in self.h:
-            y, h = block(y, h, cache, prefill)
-        if input_lengths is not None:
+            y, h = block(y, h, cache, new_lengths)
+        if last is not None:
             rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-            y, h = y[rows, input_lengths - 1][:, None], h[rows, input_lengths - 1][:, None]
-        elif last_only:
-            y, h = y[:, -1:], h[:, -1:]
+            y, h = y[rows, last][:, None], h[rows, last][:, None]
         return self.ln_f(y, residual=h)[0]
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits: x @ wte^T, the head tied to the token embedding."""
+        return ops.lm_head(x, self.wte.weight)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean cross-entropy of the logits of input_ids [B, T] against targets [B, T] (ignore_index skipped).
@@ -242,83 +268,12 @@ class GPT2(nn.Module):
         would outweigh every other activation of a training step.
         """
         self.check_input_ids(input_ids)
-        B, T = input_ids.shape
-        if T > self.config.n_positions:
-            raise ValueError(f"sequence of {T} tokens is longer than the context, n_positions = {self.config.n_positions}")
+        T = input_ids.shape[1]
+        self._check_fits(T)
         if targets.shape != input_ids.shape:
             raise ValueError(f"targets have shape {tuple(targets.shape)}, input_ids {tuple(input_ids.shape)}")
-        positions = torch.arange(T, device=input_ids.device)[None, :]
-        x = self._blocks(input_ids, positions, None, False, None, False)
+        x = self._blocks(input_ids, torch.arange(T, device=input_ids.device)[None, :])
         return ops.linear_cross_entropy(x, self.wte.weight, targets, ignore_index)
 
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [B, V] after appending one token per sequence, tokens [B], to a static cache.
-
-        Fixed shapes, device-side lengths, and no host-side state read or written: this is the step a CUDA
-        graph captures and torch.compile compiles. The caller keeps the count of positions (cache.filled)
-        and makes sure a position is left; see `gpt2fast.generate.Decoder`.
-        """
-        if not cache.static:
-            raise ValueError("decode_step needs a static KV cache (model.new_cache(..., static=True))")
-        cache.start_step(1)
-        x = self._blocks(tokens[:, None], cache.lengths[:, None], cache, False, None, True)
-        cache.lengths += 1
-        return self.lm_head(x)[:, 0]
-
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits: x @ wte^T, the head tied to the token embedding.
-
-        On a CPU, x @ W with W [in, out] streams twice as fast as x @ W^T for a few rows (25 against 13
-        GB/s measured at [1, 768] x [768, 50257]), so eager inference there keeps a transposed copy of
-        wte, remade whenever wte changes. Training, compiled code and other devices use wte itself.
-
-        A change is seen by wte's address and version counter, and the copy is dropped whenever the model
-        switches between train and eval mode or is moved or cast: fused AdamW on the CPU updates weights
-        without bumping their version counter, and a cast may put new weights at a freed address.
-        """
-        w = self.wte.weight
-        if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return F.linear(x, w)
-        key = (w.data_ptr(), w._version, w.dtype)
-        if self._head_key != key:
-            self._head_t, self._head_key = w.detach().t().contiguous(), key
-        return linear(x, self._head_t)
-
-    def _drop_head_copy(self) -> None:
-        self._head_t, self._head_key = None, None
-
-    def train(self, mode: bool = True) -> "GPT2":
-        if mode != self.training:
-            self._drop_head_copy()
-        return super().train(mode)
-
-    def _apply(self, fn, recurse=True):
-        self._drop_head_copy()
-        return super()._apply(fn, recurse)
-
-    def new_cache(self, batch: int, capacity: int | None = None, static: bool = False) -> KVCache:
-        return KVCache.allocate(self.config, batch, capacity or self.config.n_positions, self.dtype, self.device,
-                                static)
-
-    # Loading, saving and generation live in their own modules; these are the entry points users expect.
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, device=None) -> "GPT2":
-        from .checkpoint import from_pretrained
-        return from_pretrained(name_or_path, dtype=dtype, device=device)
-
-    @classmethod
-    def from_hf(cls, hf_model) -> "GPT2":
-        from .checkpoint import from_hf
-        return from_hf(hf_model)
-
-    def save_pretrained(self, path) -> None:
-        from .checkpoint import save_pretrained
-        save_pretrained(self, path)
-
-    def generate(self, input_ids, max_new_tokens, **kwargs) -> torch.Tensor:
-        from .generate import generate
-        return generate(self, input_ids, max_new_tokens, **kwargs)
-
-    def stream(self, input_ids, max_new_tokens, **kwargs):
-        from .generate import stream
-        return stream(self, input_ids, max_new_tokens, **kwargs)
+    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+        return KVCache.allocate(self.config, batch, capacity or self.config.n_positions, self.dtype, self.device)

@@ -44,7 +44,7 @@ from .checkpoint import load_hf_state_dict
 from .config import GPT2Config
 from .data import TokenizedText, default_data_dir, get_batch, to_device, tokenize_text
 from .distributed import Distributed
-from .model import GPT2
+from .gpt2 import GPT2
 from .tokenizer import CharTokenizer
 
 log = logging.getLogger("gpt2fast")

@@ -1,9 +1,8 @@
-"""The LM head and its cross-entropy, a chunk of rows at a time (Liger-Kernel's fused linear cross-entropy).
-
-For each chunk of rows, torch's matmul makes the logits x @ weight.T in the input dtype; the kernel turns each
-row into its loss and overwrites the row, in place, with d loss / d logits = (softmax - onehot) * scale; two
-more matmuls take that to the gradients of x and weight. The [N, V] logits never exist, and the backward only
-scales the gradients by the gradient reaching the loss.
+"""The cross-entropy of rows of logits, and in place their gradient: the kernel of Liger-Kernel's fused linear
+cross-entropy. The triton backend runs it inside the ops layer's chunk loop (gpt2fast/ops/custom_ops.py's
+linear_cross_entropy_chunks): torch's matmul makes a chunk of logits x @ weight.T, this kernel turns each row
+into its loss and overwrites the row with d loss / d logits = (softmax - onehot) * scale, and two more matmuls
+take that to the gradients of x and weight, so that the [N, V] logits never exist.
 
 Kernel: one program per row, over V in tiles, in fp32 whatever the input dtype: an online max and sum of
 exponentials gives the log-sum-exp (pass 1), then each tile of logits is replaced by its gradient (pass 2).
@@ -11,8 +10,6 @@ exponentials gives the log-sum-exp (pass 1), then each tile of logits is replace
 import torch
 import triton
 import triton.language as tl
-
-from gpt2fast.ops.formulas import linear_cross_entropy_chunks
 
 MAX_BLOCK = 4096  # a tile of V: 16 fp32 values per thread at 8 warps
 
@@ -54,7 +51,3 @@ def cross_entropy_rows(logits, targets, scale, ignore_index, write_grad):
         WRITE_GRAD=write_grad, BLOCK=min(triton.next_power_of_2(V), MAX_BLOCK), num_warps=8)
     return loss
 
-
-def linear_cross_entropy_forward(x, weight, targets, ignore_index, mean, grad_x, grad_weight):
-    """(loss, d loss / d x or None, d loss / d weight or None): see formulas.linear_cross_entropy_chunks."""
-    return linear_cross_entropy_chunks(x, weight, targets, ignore_index, mean, grad_x, grad_weight, cross_entropy_rows)

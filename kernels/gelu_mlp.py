@@ -1,13 +1,13 @@
 """GPT-2's MLP, y = gelu_tanh(x @ w_fc + b_fc) @ w_proj + b_proj (weights [in, out]), as two tiled
-Triton matmuls with fused epilogues: the first adds b_fc and applies the GELU (storing the
-pre-activation z = x @ w_fc + b_fc too when a backward will need it), the second adds b_proj.
+Triton matmuls with fused epilogues: the first adds b_fc and applies the GELU (storing its accumulator
+pre = x @ w_fc, before the bias, too when a backward will need it), the second adds b_proj.
 
 Each program computes one [BLOCK_M, BLOCK_N] output tile, accumulating in fp32 over K with tl.dot;
 programs run in groups of GROUP_M row tiles down each column of tiles, so that a group reads the same
 weight columns while they are still in L2. Masks take M, N and K that are not multiples of the blocks.
 
-The backward (registered by the triton backend) uses torch matmuls for the input and weight gradients
-and `bias_gelu`'s backward kernel for the GELU piece, see `gelu_mlp_backward`.
+The backward, the one both fast backends share (gpt2fast/ops/custom_ops.py), runs torch matmuls for the input
+and weight gradients and `bias_gelu`'s backward kernel for the GELU, which adds b_fc to pre itself.
 """
 from typing import NamedTuple
 
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bias_gelu import _sigmoid, bias_gelu_backward
+from .bias_gelu import _sigmoid
 from .target import Target, upcasts_dot_operands
 
 
@@ -49,11 +49,11 @@ def _matmul_kernel(A, W, Bias, C, Pre, M, N, K, stride_am, stride_ak, stride_wk,
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    acc += tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     mask = row_ok & col_ok
     row_offsets = rows.to(tl.int64)[:, None]
     if STORE_PRE:
         tl.store(Pre + row_offsets * stride_pm + cols[None, :], acc.to(Pre.dtype.element_ty), mask=mask)
+    acc += tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if GELU:  # z * sigmoid(2u), as in bias_gelu.py
         acc = acc * _sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
     tl.store(C + row_offsets * stride_cm + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)
@@ -74,7 +74,7 @@ def launch_config(dtype: torch.dtype, M: int, target: Target) -> LaunchConfig:
 
 
 def _matmul(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, gelu: bool, store_pre: bool, target: Target):
-    """(bias + a @ w, then GELU if asked; the pre-activation, or None) for a [M, K], w [K, N] any strides."""
+    """(bias + a @ w, then GELU if asked; a @ w without the bias, or None) for a [M, K], w [K, N] any strides."""
     M, K = a.shape
     N = w.shape[1]
     out = torch.empty((M, N), dtype=a.dtype, device=a.device)
@@ -91,7 +91,7 @@ def _matmul(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, gelu: bool, st
 
 
 def gelu_mlp_forward(x, w_fc, b_fc, w_proj, b_proj, save_pre: bool, target=None):
-    """(y, act, pre): y like x; act = gelu_tanh(pre) and pre = x @ w_fc + b_fc, both [..., F] in x's
+    """(y, act, pre): y like x; act = gelu_tanh(pre + b_fc) and pre = x @ w_fc, both [..., F] in x's
     dtype; pre is None unless save_pre (for the backward). target: the machine to configure the launches
     for (default: that of x's device)."""
     lead = x.shape[:-1]
@@ -101,15 +101,3 @@ def gelu_mlp_forward(x, w_fc, b_fc, w_proj, b_proj, save_pre: bool, target=None)
     F = w_fc.shape[1]
     return y.view(x.shape), act.view(*lead, F), None if pre is None else pre.view(*lead, F)
 
-
-def gelu_mlp_backward(grad_y, x, w_fc, w_proj, act, pre, gelu_backward=bias_gelu_backward):
-    """(dx, dw_fc, db_fc, dw_proj, db_proj): torch matmuls for the matmuls' gradients, bias_gelu's
-    backward kernel for d pre from d act (with a zero bias: pre already holds b_fc, and the bias
-    gradient it returns, the column sums of d pre, is db_fc). `gelu_backward` is that kernel's launcher
-    or the custom op wrapping it (which torch.compile can trace)."""
-    C, F = w_fc.shape
-    dy, x2, act2 = grad_y.reshape(-1, C), x.reshape(-1, C), act.reshape(-1, F)
-    d_act = dy @ w_proj.T
-    d_pre, db_fc = gelu_backward(d_act, pre.reshape(-1, F), torch.zeros_like(w_fc[0]))
-    dx = (d_pre @ w_fc.T).view(x.shape)
-    return dx, x2.T @ d_pre, db_fc, act2.T @ dy, dy.sum(0)

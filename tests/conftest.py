@@ -1,10 +1,10 @@
 """Fixtures and helpers shared by the op tests.
 
 `backend` runs a test once per registered backend that can run on this machine (the reference
-`torch` always; Triton on a GPU, else on the CPU under TRITON_INTERPRET=1, which this file sets; CUDA
-where built), and `device` once per device (cpu always, cuda when present). Op tests compare against
-fp64 math written out in the test files, never against the reference backend, so the reference is
-tested too.
+`torch` and `torch_cpu` always; `triton` on a GPU, else on the CPU under TRITON_INTERPRET=1, which this
+file sets; `native` where gpt2fast._C is built), and `device` once per device (cpu always, cuda when
+present). Op tests compare against fp64 math written out in the test files, never against the reference
+backend, so the reference is tested too.
 
 Tests marked `gpu` run full GPT-2 shapes and are skipped without CUDA.
 """

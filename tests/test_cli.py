@@ -9,9 +9,10 @@ import pytest
 import torch
 import transformers
 
-from gpt2fast import cli
+from gpt2fast import cli, ops
 from gpt2fast.cli import main, stream_text
 from gpt2fast.data import default_data_dir
+from gpt2fast.ops import registry
 from gpt2fast.tokenizer import Tokenizer
 from gpt2fast.train import TrainConfig, train_config
 
@@ -65,14 +66,23 @@ def test_stream_text_holds_back_split_utf8_characters():
 def test_backends_lists_every_backend_with_a_reason():
     out = subprocess.run([sys.executable, "-m", "gpt2fast", "backends"], capture_output=True, text=True, check=True,
                          env={**os.environ, "GPT2FAST_BACKEND": "torch"}).stdout
-    lines = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in
-             ("torch", "triton", "cuda")}
-    assert set(lines) == {"torch", "triton", "cuda"}
+    names = registry.choices()[1:]
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in names}
+    assert set(lines) == set(names) >= {"torch", "torch_cpu", "triton", "native"}
     assert lines["torch"].split()[1] == "available"
-    for name in ("triton", "cuda"):
+    for name in names:
         status, reason = lines[name].split()[1], " ".join(lines[name].split()[2:])
         assert status in ("available", "unavailable") and reason
     assert "selected: torch" in out
+
+
+def test_generate_takes_a_former_backend_name_with_a_future_warning(monkeypatch):
+    """--backend cuda still runs, on the backend now called native, and says so."""
+    selected = []
+    monkeypatch.setattr(cli, "generate_text", lambda args: selected.append(ops.get_backend()))
+    with pytest.warns(FutureWarning, match="'cuda' is now called 'native'"):
+        main(["generate", "--model", "char", "--random-weights", "--backend", "cuda"])
+    assert selected == ["native"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -17,7 +17,7 @@ from gpt2fast import GPT2
 from gpt2fast.config import GPT2Config
 from gpt2fast.generate import Decoder, decoder_for
 from conftest import CUDA
-from helpers import random_ids
+from helpers import assert_logits_close, random_ids
 
 DEVICE = "cuda" if CUDA else "cpu"
 V = 101
@@ -195,10 +195,26 @@ def test_no_memory_growth_over_10000_generated_tokens():
     assert marks[10_000] == marks[1_000]
 
 
-def test_decode_step_refuses_a_cache_that_is_not_static(model):
-    cache = model.new_cache(1, 8)
-    with pytest.raises(ValueError, match="static KV cache"):
-        model.decode_step(torch.zeros(1, dtype=torch.long, device=DEVICE), cache)
+@torch.no_grad()
+def test_prefill_and_decode_steps_match_full_recomputation(model):
+    """The pair the decoder runs: a prefill of right-padded prompts, then a token per sequence per step, each
+    row's logits against its whole sequence recomputed without a cache. A second prefill into the same cache,
+    filled by the first, starts it afresh."""
+    lengths = torch.tensor([2, 5, 3], device=DEVICE)
+    rows = [random_ids(V, 1, int(n), seed=70 + i)[0].to(DEVICE) for i, n in enumerate(lengths)]
+    ids = torch.zeros(3, 5, dtype=torch.long, device=DEVICE)
+    for i, row in enumerate(rows):
+        ids[i, :row.numel()] = row
+    cache = model.new_cache(3, 9)
+    for _ in range(2):
+        logits, seqs = model.prefill(ids, cache, lengths), list(rows)
+        for _ in range(4):
+            for i, seq in enumerate(seqs):
+                assert_logits_close(logits[i], model(seq[None])[0, -1], rel=1e-5)
+            tokens = logits.argmax(-1)
+            seqs = [torch.cat([seq, tokens[i:i + 1]]) for i, seq in enumerate(seqs)]
+            logits = model.decode_step(tokens, cache)
+        assert cache.lengths.tolist() == (lengths + 4).tolist()
 
 
 def test_bad_decode_modes_are_refused(model):

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -37,7 +38,7 @@ def fake_registry(monkeypatch):
 
 
 def make_backend(name, probe=lambda: None):
-    """Register a made-up backend under `name` (one of the non-reference choices), replacing any real one."""
+    """Register a made-up backend under `name`, replacing any real one of that name."""
     registry._BACKENDS.pop(name, None)
     return registry.register_backend(name, "made up by a test", probe)
 
@@ -61,7 +62,7 @@ def test_reference_backend_implements_every_op_and_is_available():
     assert set(torch_backend.impls) == set(registry.OPS)
 
 
-@pytest.mark.parametrize("name", ["torch", "auto", "triton", "cuda", " Torch ", "AUTO"])
+@pytest.mark.parametrize("name", ["torch", "auto", "triton", "native", "torch_cpu", " Torch ", "AUTO"])
 def test_set_backend_selects_every_op(name):
     gpt2fast.set_backend(name)
     expected = name.strip().lower()
@@ -73,10 +74,10 @@ def test_use_backend_nests_and_restores():
     gpt2fast.set_backend("torch")
     with gpt2fast.use_backend("triton"):
         assert gpt2fast.get_backend() == "triton"
-        with gpt2fast.use_backend("cuda"):
-            assert gpt2fast.get_backend() == "cuda"
+        with gpt2fast.use_backend("native"):
+            assert gpt2fast.get_backend() == "native"
             with gpt2fast.use_backend():  # no arguments: the selection stands
-                assert gpt2fast.get_backend() == "cuda"
+                assert gpt2fast.get_backend() == "native"
         assert gpt2fast.get_backend() == "triton"
     assert gpt2fast.get_backend() == "torch"
 
@@ -84,22 +85,22 @@ def test_use_backend_nests_and_restores():
 def test_use_backend_restores_after_an_exception():
     gpt2fast.set_backend("auto")
     with pytest.raises(RuntimeError, match="inside"):
-        with gpt2fast.use_backend("cuda", sample="torch"):
+        with gpt2fast.use_backend("native", sample="torch"):
             raise RuntimeError("inside")
     assert gpt2fast.get_backend() == "auto" and gpt2fast.get_backend("sample") == "auto"
 
 
 def test_per_op_override_is_more_specific_than_the_global_choice():
-    gpt2fast.set_backend("cuda")
+    gpt2fast.set_backend("native")
     with gpt2fast.use_backend(sample="torch"):
         assert gpt2fast.get_backend("sample") == "torch"
-        assert gpt2fast.get_backend("layer_norm") == gpt2fast.get_backend() == "cuda"
+        assert gpt2fast.get_backend("layer_norm") == gpt2fast.get_backend() == "native"
         with gpt2fast.use_backend("triton", layer_norm="Auto"):
             assert gpt2fast.get_backend("sample") == "torch"  # the override survives a new global choice
             assert gpt2fast.get_backend("layer_norm") == "auto"
             assert gpt2fast.get_backend("gelu_mlp") == "triton"
-        assert gpt2fast.get_backend("layer_norm") == "cuda"
-    assert all(gpt2fast.get_backend(op) == "cuda" for op in registry.OPS)
+        assert gpt2fast.get_backend("layer_norm") == "native"
+    assert all(gpt2fast.get_backend(op) == "native" for op in registry.OPS)
 
     gpt2fast.set_backend(sample="torch", decode_attention="triton")
     gpt2fast.set_backend("auto")
@@ -112,7 +113,7 @@ def test_selection_in_one_thread_does_not_leak_into_another():
     seen = {}
 
     def worker():
-        with gpt2fast.use_backend("cuda"):
+        with gpt2fast.use_backend("native"):
             seen["worker"] = gpt2fast.get_backend()
             barrier.wait()
             barrier.wait()
@@ -124,7 +125,7 @@ def test_selection_in_one_thread_does_not_leak_into_another():
     seen["main"] = gpt2fast.get_backend()
     barrier.wait()
     thread.join()
-    assert seen == {"worker": "cuda", "main": "torch"}
+    assert seen == {"worker": "native", "main": "torch"}
 
 
 def test_set_backend_holds_in_every_thread_and_executor_worker():
@@ -142,31 +143,31 @@ def test_set_backend_holds_in_every_thread_and_executor_worker():
     thread = threading.Thread(target=running_before_the_call)
     thread.start()
     started.wait(60)
-    gpt2fast.set_backend("triton", sample="cuda")
+    gpt2fast.set_backend("triton", sample="native")
     go.set()
     thread.join()
     with ThreadPoolExecutor(2) as pool:
         seen["worker"] = pool.submit(lambda: (gpt2fast.get_backend(), gpt2fast.get_backend("sample"))).result()
-    assert seen == {"thread": ("triton", "cuda"), "worker": ("triton", "cuda")}
+    assert seen == {"thread": ("triton", "native"), "worker": ("triton", "native")}
 
 
 def test_set_backend_from_a_worker_thread_holds_in_the_main_thread():
-    thread = threading.Thread(target=gpt2fast.set_backend, args=("cuda",))
+    thread = threading.Thread(target=gpt2fast.set_backend, args=("native",))
     thread.start()
     thread.join()
-    assert gpt2fast.get_backend() == "cuda"
+    assert gpt2fast.get_backend() == "native"
 
 
 def test_use_backend_wins_over_a_set_backend_made_inside_it():
     gpt2fast.set_backend("torch")
     with gpt2fast.use_backend("triton"):
-        gpt2fast.set_backend("cuda")
+        gpt2fast.set_backend("native")
         assert gpt2fast.get_backend() == "triton"
-    assert gpt2fast.get_backend() == "cuda"
+    assert gpt2fast.get_backend() == "native"
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: gpt2fast.set_backend("tpu"), r"unknown backend 'tpu'; choose one of auto, torch, triton, cuda"),
+    (lambda: gpt2fast.set_backend("tpu"), rf"unknown backend 'tpu'; choose one of {', '.join(registry.choices())}$"),
     (lambda: gpt2fast.set_backend(""), r"unknown backend ''"),
     (lambda: gpt2fast.set_backend(sample="fastest"), r"unknown backend 'fastest'"),
     (lambda: gpt2fast.set_backend(softmax="torch"), r"unknown op 'softmax'.*layer_norm"),
@@ -180,23 +181,67 @@ def test_unknown_names_are_rejected_and_change_nothing(call, match):
     assert gpt2fast.get_backend() == "triton" and gpt2fast.get_backend("sample") == "torch"
 
 
-def test_registering_unknown_ops_or_backends_is_rejected(fake_registry):
+def test_a_new_backend_registers_and_is_selected_by_name(fake_registry):
+    backend = registry.register_backend("tpu_v5", "made up by a test", lambda: None)
+    assert registry.register_backend("tpu_v5", "registered again", lambda: "ignored") is backend
+    assert registry.choices()[-1] == "tpu_v5" and registry.choices().count("tpu_v5") == 1
+    registry.register("bias_gelu", "tpu_v5")(lambda x, bias: torch.zeros_like(x))
+    x, bias = torch.randn(2, 8) + 1, torch.randn(8)
+    with gpt2fast.use_backend("tpu_v5"):
+        assert gpt2fast.get_backend() == "tpu_v5" and torch.count_nonzero(ops.bias_gelu(x, bias)) == 0
+
+
+@pytest.mark.parametrize("name", ["auto", "cuda", "", "Bad Name", "9lives", "tpu-v5", 3, None])
+def test_reserved_and_malformed_backend_names_are_refused(fake_registry, name):
+    """`auto` selects, a former name (cuda) still stands for its new one, and a name is lower case letters,
+    digits and _ from a letter on."""
+    before = registry.choices()
+    with pytest.raises(ValueError, match=r"a backend name is lower case letters.*got " + re.escape(repr(name))):
+        registry.register_backend(name, "nope", lambda: None)
+    assert registry.choices() == before
+
+
+def test_registering_an_unknown_op_or_for_an_unregistered_backend_is_refused(fake_registry):
     with pytest.raises(ValueError, match=r"unknown op 'softmax'"):
         registry.register("softmax", "torch")
-    with pytest.raises(ValueError, match=r"backend name must be one of .*got 'tpu'"):
-        registry.register_backend("tpu", "nope", lambda: None)
-    with pytest.raises(ValueError, match=r"backend name must be one of .*got 'auto'"):
-        registry.register_backend("auto", "nope", lambda: None)
-    registry._BACKENDS.pop("cuda", None)
-    with pytest.raises(ValueError, match=r"register_backend\('cuda'"):
-        registry.register("sample", "cuda")(lambda *a: None)
+    with pytest.raises(ValueError, match=r"register_backend\('tpu_v5'"):
+        registry.register("sample", "tpu_v5")(lambda *a: None)
+
+
+# ---- former names ----
+
+
+def test_a_former_name_selects_its_new_backend_with_a_future_warning():
+    """`cuda` is `native` now: set_backend, use_backend and a per-op override all still take it, and warn."""
+    message = r"the backend 'cuda' is now called 'native'"
+    with pytest.warns(FutureWarning, match=message):
+        gpt2fast.set_backend("cuda")
+    assert gpt2fast.get_backend() == "native"
+    gpt2fast.set_backend("torch")
+    with pytest.warns(FutureWarning, match=message):
+        with gpt2fast.use_backend(" CUDA "):
+            assert gpt2fast.get_backend() == "native"
+    with pytest.warns(FutureWarning, match=message):
+        gpt2fast.set_backend(sample="cuda")
+    assert (gpt2fast.get_backend(), gpt2fast.get_backend("sample")) == ("torch", "native")
+    with pytest.warns(FutureWarning, match=message):
+        with gpt2fast.use_backend(layer_norm="cuda"):
+            assert gpt2fast.get_backend("layer_norm") == "native"
+    assert "cuda" not in registry.choices()
+
+
+def test_a_former_name_in_the_environment_selects_its_new_backend_with_a_future_warning():
+    result = run_python_with_backend("cuda")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["native", "native"]
+    assert "FutureWarning: gpt2fast: the backend 'cuda' is now called 'native'" in result.stderr
 
 
 # ---- GPT2FAST_BACKEND ----
 
 
 @pytest.mark.parametrize("value,expected",
-                         [("torch", "torch"), ("Triton", "triton"), (" cuda ", "cuda"), ("AUTO", "auto")])
+                         [("torch", "torch"), ("Triton", "triton"), (" native ", "native"), ("AUTO", "auto")])
 def test_environment_variable_is_parsed(monkeypatch, value, expected):
     monkeypatch.setenv("GPT2FAST_BACKEND", value)
     assert registry._from_env() == expected
@@ -230,7 +275,8 @@ def test_invalid_environment_variable_warns_once_and_selects_auto():
     result = run_python_with_backend("fastest")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["auto", "auto"]
-    warning = "gpt2fast: GPT2FAST_BACKEND: unknown backend 'fastest'; choose one of auto, torch, triton, cuda; using auto"
+    warning = (f"gpt2fast: GPT2FAST_BACKEND: unknown backend 'fastest'; choose one of {', '.join(registry.choices())}; "
+               f"using auto")
     assert result.stderr.splitlines() == [warning]
 
 
@@ -247,47 +293,50 @@ def test_invalid_environment_variable_leaves_the_cli_usable():
 
 def test_unavailable_backend_falls_back_with_one_log_line(fake_registry, caplog):
     probes = []
-    make_backend("cuda", probe=lambda: probes.append(1) or "no device in this test")
+    make_backend("native", probe=lambda: probes.append(1) or "no device in this test")
 
-    @registry.register("layer_norm", "cuda")
+    @registry.register("layer_norm", "native")
     def must_not_run(*args):
         raise AssertionError("an unavailable backend ran")
 
     x, w, b = ln_inputs()
     expected = reference("layer_norm", x, w, b, 1e-5, None)
-    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("cuda"):
+    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("native"):
         for _ in range(3):
             torch.testing.assert_close(ops.layer_norm(x, w, b), expected, rtol=0, atol=0)
     records = fallback_records(caplog)
     assert len(records) == 1, records
-    assert all(word in records[0] for word in ("layer_norm", "'cuda'", "no device in this test"))
+    assert all(word in records[0] for word in ("layer_norm", "'native'", "no device in this test"))
     assert probes == [1]  # probed once, remembered
-    assert ops.backends()["cuda"].unavailable_reason() == "no device in this test"
+    assert ops.backends()["native"].unavailable_reason() == "no device in this test"
 
 
-def test_backend_that_is_not_installed_falls_back(fake_registry, caplog):
-    registry._BACKENDS.pop("triton", None)
+def test_auto_skips_a_backend_that_is_not_installed(fake_registry, caplog):
+    """An auto order may name a backend that no installed code registers; selecting it by name is refused."""
+    registry.AUTO_ORDER["cpu"] = ["tpu_v5", registry.REFERENCE]
     g = torch.Generator().manual_seed(1)
     x, bias = torch.randn(4, 9, generator=g), torch.randn(9, generator=g)
-    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("triton"):
+    with caplog.at_level(logging.INFO, logger="gpt2fast"), gpt2fast.use_backend("auto"):
         y = ops.bias_gelu(x, bias)
         ops.bias_gelu(x, bias)
     torch.testing.assert_close(y, reference("bias_gelu", x, bias), rtol=0, atol=0)
-    records = fallback_records(caplog)
-    assert len(records) == 1 and "bias_gelu" in records[0] and "not installed" in records[0], records
+    skips = [r.getMessage() for r in caplog.records if r.name == "gpt2fast" and "skips" in r.getMessage()]
+    assert skips == ["gpt2fast: auto skips backend 'tpu_v5' for bias_gelu on cpu: not installed"], skips
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu_v5'"):
+        gpt2fast.set_backend("tpu_v5")
 
 
 def test_crashing_probe_means_unavailable(fake_registry, caplog):
     def probe():
         raise RuntimeError("driver exploded")
 
-    make_backend("cuda", probe=probe)
-    registry.register("bias_gelu", "cuda")(lambda *a: pytest.fail("ran despite its probe"))
+    make_backend("native", probe=probe)
+    registry.register("bias_gelu", "native")(lambda *a: pytest.fail("ran despite its probe"))
     x, bias = torch.randn(3, 5) + 0.5, torch.randn(5)
-    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("cuda"):
+    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("native"):
         y = ops.bias_gelu(x, bias)
     torch.testing.assert_close(y, reference("bias_gelu", x, bias), rtol=0, atol=0)
-    assert "probe failed: RuntimeError: driver exploded" in ops.backends()["cuda"].unavailable_reason()
+    assert "probe failed: RuntimeError: driver exploded" in ops.backends()["native"].unavailable_reason()
     assert len(fallback_records(caplog)) == 1
 
 
@@ -317,16 +366,25 @@ def test_refused_input_falls_back_and_logs_once_per_reason(fake_registry, caplog
     assert "width 100 is not a multiple of 64" in records[0] and "width 33" in records[1]
 
 
-def test_backend_without_the_op_falls_back(fake_registry, caplog):
+def test_backend_without_the_op_runs_it_as_auto_would(fake_registry, caplog, monkeypatch):
+    """Choosing a backend for every op must not slow the ops it lacks (linear has no Triton kernel): those run on
+    what auto picks, with one INFO line, not a warning."""
     make_backend("triton")
     registry.register("layer_norm", "triton")(lambda *a: pytest.fail("wrong op"))
+    make_backend("torch_cpu")
+    ran = []
+    registry.register("causal_attention", "torch_cpu")(lambda *a: ran.append(1) or reference("causal_attention", *a))
+    monkeypatch.setitem(registry.AUTO_ORDER_BY_OP, ("cpu", "causal_attention"), ["torch_cpu", "torch"])
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(3))
-    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("triton"):
+    with caplog.at_level(logging.INFO, logger="gpt2fast"), gpt2fast.use_backend("triton"):
         y = ops.causal_attention(q, k, v)
+        ops.causal_attention(q, k, v)
     torch.testing.assert_close(y, reference("causal_attention", q, k, v), rtol=0, atol=0)
-    records = fallback_records(caplog)
-    assert len(records) == 1 and "no causal_attention implementation" in records[0], records
+    assert ran == [1, 1]
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "gpt2fast"]
+    assert lines == [(logging.INFO, "gpt2fast: backend 'triton' has no causal_attention implementation; "
+                                    "causal_attention runs as auto picks")], lines
 
 
 def test_per_op_override_routes_only_that_op(fake_registry):
@@ -345,8 +403,8 @@ def test_per_op_override_routes_only_that_op(fake_registry):
 
 
 def test_auto_takes_the_first_available_backend_in_auto_order(fake_registry, monkeypatch):
-    make_backend("cuda", probe=lambda: "no device in this test")
-    registry.register("bias_gelu", "cuda")(lambda *a: pytest.fail("ran despite its probe"))
+    make_backend("native", probe=lambda: "no device in this test")
+    registry.register("bias_gelu", "native")(lambda *a: pytest.fail("ran despite its probe"))
     make_backend("triton")
     ran = []
 
@@ -358,10 +416,10 @@ def test_auto_takes_the_first_available_backend_in_auto_order(fake_registry, mon
         ran.append(x.shape[-1])
         return torch.zeros_like(x)
 
-    monkeypatch.setitem(registry.AUTO_ORDER, "cpu", ["cuda", "triton", "torch"])
+    monkeypatch.setitem(registry.AUTO_ORDER, "cpu", ["native", "triton", "torch"])
     narrow, wide = (torch.randn(2, 8), torch.randn(8)), (torch.randn(2, 100), torch.randn(100))
     with gpt2fast.use_backend("auto"):
-        assert torch.count_nonzero(ops.bias_gelu(*narrow)) == 0  # triton: cuda is unavailable
+        assert torch.count_nonzero(ops.bias_gelu(*narrow)) == 0  # triton: native is unavailable
         torch.testing.assert_close(ops.bias_gelu(*wide), reference("bias_gelu", *wide))  # triton refuses: torch
         monkeypatch.setitem(registry.AUTO_ORDER, "cpu", ["torch", "triton"])
         torch.testing.assert_close(ops.bias_gelu(*narrow), reference("bias_gelu", *narrow))  # torch comes first
@@ -382,18 +440,24 @@ def test_auto_order_per_op_overrides_the_device_order(fake_registry, monkeypatch
     assert registry.auto_order("cpu", "layer_norm") == registry.auto_order("tpu", "layer_norm") == ["torch"]
 
 
-def test_auto_ranks_a_kernel_for_one_op_only_where_the_cited_records_show_it_faster_and_correct():
-    """Never device-wide; per (device, op), each backend ahead of the reference is faster than it in every case
-    of a cited bench record of that device and, on CUDA, passed every check of a cited smoke record."""
+def test_auto_ranks_a_backend_for_one_op_only_where_the_cited_records_show_it_faster_and_correct():
+    """Never device-wide; per (device, op), each backend ahead of the reference, in the cited bench records of that
+    device, is never measurably slower than the reference (its p20 time at most the reference's p80: a 2-core
+    CPU's spread makes a tie look either way) and measurably faster in some case (its p80 below the reference's
+    p20); on CUDA it also passed every check of a cited smoke record."""
     root = Path(__file__).resolve().parents[1]
     assert all(order == [registry.REFERENCE] for order in registry.AUTO_ORDER.values())
     assert registry.AUTO_EVIDENCE.keys() == registry.AUTO_ORDER_BY_OP.keys()
     for (device, op), order in registry.AUTO_ORDER_BY_OP.items():
         records = [json.loads((root / path).read_text()) for path in registry.AUTO_EVIDENCE[device, op]]
+        rows = [r for rec in records if rec["name"] == "bench" and rec["device"]["type"] == device
+                for r in rec["ops"] if r["op"] == op]
         for backend in order[: order.index(registry.REFERENCE)]:
-            timed = [r for rec in records if rec["name"] == "bench" and rec["device"]["type"] == device
-                     for r in rec["ops"] if (r["op"], r["impl"]) == (op, backend)]
-            assert timed and all(r["speedup_over_reference"] > 1 for r in timed), (device, op, backend)
+            pairs = [(r, ref) for r in rows if r["impl"] == backend
+                     for ref in rows if ref["impl"] == registry.REFERENCE and ref["case"] == r["case"]]
+            assert pairs, (device, op, backend)
+            assert all(r["p20_s"] <= ref["p80_s"] for r, ref in pairs), (device, op, backend)
+            assert any(r["p80_s"] < ref["p20_s"] for r, ref in pairs), (device, op, backend)
             if device == "cuda":
                 checked = [r for rec in records if rec["name"] == "smoke check" for r in rec["rows"]
                            if (r["op"], r["backend"]) == (op, backend)]
@@ -414,14 +478,20 @@ def small_args(op):
         "bias_gelu": (r(2, 8), r(8)),
         "sample": (r(2, 5), 1.0, None, None, None),
         "linear_cross_entropy": (r(3, 8), r(11, 8), torch.tensor([0, -100, 10]), -100, "mean"),
+        "linear": (r(2, 8), r(8, 5), r(5)),
+        "lm_head": (r(2, 8), r(11, 8)),
     }[op]
 
 
+CPU_ARRANGED = ("linear", "lm_head", "gelu_mlp", "decode_attention")
+
+
 @pytest.mark.parametrize("op", registry.OPS)
-def test_auto_on_the_cpu_samples_with_the_cpp_sampler_and_runs_the_reference_otherwise(op):
-    """What the CPU benchmarks ranked: the C++ sampler of gpt2fast._C where it is built, else the reference."""
-    native = ops.backends()["cuda"].unavailable_reason() is None
-    expected = "cuda" if op == "sample" and native else "torch"
+def test_auto_on_the_cpu_runs_what_the_cpu_benchmarks_ranked(op):
+    """The C++ sampler of gpt2fast._C where it is built, torch_cpu for a decode step's matmuls and attention,
+    else the reference."""
+    native = ops.backends()["native"].unavailable_reason() is None
+    expected = "native" if op == "sample" and native else "torch_cpu" if op in CPU_ARRANGED else "torch"
     with gpt2fast.use_backend("auto"):
         assert registry.resolve(op, "cpu", small_args(op), {}) is ops.backends()[expected].impls[op].fn
 
@@ -444,6 +514,8 @@ def valid_kwargs(op):
         "gelu_mlp": lambda: dict(x=t(2, 8), w_fc=t(8, 32), b_fc=t(32), w_proj=t(32, 8), b_proj=t(8)),
         "sample": lambda: dict(logits=t(2, 5)),
         "linear_cross_entropy": lambda: dict(x=t(3, 8), weight=t(11, 8), targets=torch.tensor([0, -100, 10])),
+        "linear": lambda: dict(x=t(2, 8), weight=t(8, 5), bias=t(5)),
+        "lm_head": lambda: dict(x=t(2, 8), weight=t(11, 8)),
     }[op]()
 
 
@@ -504,6 +576,13 @@ BAD_INPUTS = [
     ("gelu_mlp", INTEGER, TypeError, r"floating-point"),
     ("sample", dict(logits=t(2, 5, device="meta"), generator=torch.Generator()), ValueError,
      r"generator is on cpu but logits are on meta"),
+    ("linear", dict(weight=t(7, 5)), ValueError, r"weight has shape \(7, 5\), expected \(8, 5\)"),
+    ("linear", dict(bias=t(8)), ValueError, r"bias has shape \(8,\), expected \(5,\)"),
+    ("linear", dict(weight=t(8, 5, dtype=BF16)), ValueError, r"weight is torch.bfloat16"),
+    ("linear", INTEGER, TypeError, r"floating-point"),
+    ("lm_head", dict(weight=t(11, 7)), ValueError, r"weight has shape \(11, 7\), expected \(11, 8\)"),
+    ("lm_head", dict(weight=t(11, 8, device="meta")), ValueError, r"weight is on meta"),
+    ("lm_head", INTEGER, TypeError, r"floating-point"),
 ]
 
 
@@ -532,9 +611,9 @@ def test_valid_kwargs_are_valid():
 
 def test_compiled_code_follows_the_selection(fake_registry):
     """torch.compile reads the selection while tracing and recompiles when it changes."""
-    make_backend("cuda")
+    make_backend("native")
 
-    @registry.register("bias_gelu", "cuda")
+    @registry.register("bias_gelu", "native")
     def doubled(x, bias):
         return 2 * reference("bias_gelu", x, bias)
 
@@ -543,7 +622,7 @@ def test_compiled_code_follows_the_selection(fake_registry):
     compiled = torch.compile(lambda x, b: ops.bias_gelu(x, b), backend="eager", fullgraph=True)
     with gpt2fast.use_backend("torch"):
         plain = compiled(x, bias)
-    with gpt2fast.use_backend("cuda"):
+    with gpt2fast.use_backend("native"):
         twice = compiled(x, bias)
     torch.testing.assert_close(plain, reference("bias_gelu", x, bias))
     torch.testing.assert_close(twice, 2 * plain)

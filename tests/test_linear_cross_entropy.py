@@ -11,14 +11,14 @@ import torch.nn.functional as F
 import gpt2fast
 from gpt2fast import ops
 from gpt2fast.cli import describe_backends
-from gpt2fast.ops import cuda_backend as cb, reference
+from gpt2fast.ops import custom_ops, native_backend as nb, reference
 from conftest import AVAILABLE_BACKENDS, fallback_records, randn
 
 OP = "linear_cross_entropy"
-# The tests run on CPU tensors, where the cuda backend has no kernel of this op (its row kernel is CUDA only).
-BACKENDS = [name for name in AVAILABLE_BACKENDS if OP in ops.backends()[name].impls and name != "cuda"]
-GPU_BACKENDS = BACKENDS + (["cuda"] if "cuda" in AVAILABLE_BACKENDS and cb._has_kernel("cross_entropy_rows_cuda", "cuda")
-                           else [])
+# The tests run on CPU tensors, where the native backend has no kernel of this op (its row kernel is CUDA only).
+BACKENDS = [name for name in AVAILABLE_BACKENDS if OP in ops.backends()[name].impls and name != "native"]
+GPU_BACKENDS = BACKENDS + (["native"] if "native" in AVAILABLE_BACKENDS
+                           and nb._has_kernel("cross_entropy_rows_native", "cuda") else [])
 needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable")
 GRAD_SCALE = 2.5  # the gradient reaching the loss: the backward must scale by it
 # bfloat16: triton's logits and their gradient are rounded to bfloat16 (as Liger-Kernel's are), which puts its
@@ -123,13 +123,11 @@ def test_reference_passes_gradcheck_in_float64(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_only_the_gradients_asked_for_are_computed(backend, monkeypatch):
     """No gradient matmuls under no_grad or for inputs that do not require grad, and autograd still works."""
-    from gpt2fast.kernels import cross_entropy
-
     module, name = (reference, "chunked_linear_cross_entropy") if backend == "torch" else \
-        (cross_entropy, "linear_cross_entropy_forward")
+        (custom_ops, "linear_cross_entropy_chunks")
     flags = []
     original = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *args: flags.append(args[-2:]) or original(*args))
+    monkeypatch.setattr(module, name, lambda *args: flags.append(args[5:7]) or original(*args))
     x, weight, targets = make_inputs((4,), 8, 11)
     want = oracle(x, weight, targets)
     with gpt2fast.use_backend(backend):
@@ -169,21 +167,21 @@ def test_triton_refuses_float64_for_the_reference_with_one_log_line(fresh_log, c
     assert len(records) == 1 and OP in records[0] and "dtype torch.float64" in records[0], records
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors: the cuda backend's kernel is CUDA only")
-def test_the_cuda_backend_on_cpu_tensors_falls_back_with_one_log_line(fresh_log, caplog):
-    """The cuda backend's row kernel runs on CUDA only: named for CPU tensors, the reference runs, said once."""
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors: the native backend's kernel is CUDA only")
+def test_the_native_backend_on_cpu_tensors_falls_back_with_one_log_line(fresh_log, caplog):
+    """The native backend's row kernel runs on CUDA only: named for CPU tensors, the reference runs, said once."""
     x, weight, targets = make_inputs((5,), 8, 7)
     with caplog.at_level(logging.WARNING, logger="gpt2fast"):
         for _ in range(2):
-            got = run("cuda", x, weight, targets)
+            got = run("native", x, weight, targets)
     assert_matches(got, oracle(x, weight, targets), torch.float32)
     records = fallback_records(caplog)
-    assert len(records) == 1 and OP in records[0] and "backend 'cuda'" in records[0], records
+    assert len(records) == 1 and OP in records[0] and "backend 'native'" in records[0], records
 
 
 def test_backends_command_lists_the_op_where_it_is_implemented():
     rows = {name: detail for name, status, detail in describe_backends() if status == "available"}
-    for name in ("torch", "triton", "cuda"):
+    for name in ("torch", "triton", "native"):
         assert (name not in rows) or OP in rows[name]
 
 

@@ -155,9 +155,7 @@ def test_every_hot_path_goes_through_ops(monkeypatch):
     assert calls["gelu_mlp"] == L * new
     assert calls["layer_norm"] == (2 * L + 1) * new
     assert calls["sample"] == new
-    # On the CPU the reference decodes each sequence's prefix with an SDPA call of its own.
-    batch = ids.shape[0]
-    assert calls["F.scaled_dot_product_attention"] == calls["causal_attention"] + batch * calls["decode_attention"]
+    assert calls["F.scaled_dot_product_attention"] == calls["causal_attention"] + calls["decode_attention"]
     assert calls["F.layer_norm"] == calls["layer_norm"] and calls["F.gelu"] == calls["gelu_mlp"]
 
 
@@ -248,10 +246,11 @@ def test_from_preset_config_builds_a_model_of_that_size():
     assert sum(p.numel() for p in model.parameters()) == config.num_params()
 
 
-def test_inference_head_copy_follows_changes_to_the_tied_embedding():
-    """On a CPU, inference reads a transposed copy of wte for the LM head; it must never go stale."""
+def test_inference_logits_follow_changes_to_the_tied_embedding():
+    """On a CPU, a backend may read the LM head from a transposed copy of wte in inference; it must never go
+    stale."""
     model = GPT2(GPT2Config(vocab_size=101, n_positions=16, n_embd=24, n_layer=1, n_head=2)).eval()
-    ids = random_ids(101, 2, 5)
+    ids = random_ids(101, 2, 4)  # 8 rows: few enough for the CPU's copy
     with torch.no_grad():
         before = model(ids)
     torch.testing.assert_close(before, model(ids).detach())  # with grad: wte itself, no copy
@@ -262,11 +261,11 @@ def test_inference_head_copy_follows_changes_to_the_tied_embedding():
     assert not torch.allclose(before, after)
 
 
-def test_inference_head_copy_is_remade_after_a_fused_optimizer_step_and_a_cast():
+def test_inference_logits_follow_a_fused_optimizer_step_and_a_cast():
     """Fused AdamW on the CPU updates wte without bumping its version counter; a cast makes new tensors
     that may reuse a freed address. Evaluating between training steps must still see the new weights."""
     model = GPT2(GPT2Config(vocab_size=101, n_positions=16, n_embd=24, n_layer=1, n_head=2))
-    ids = random_ids(101, 2, 5)
+    ids = random_ids(101, 2, 4)  # 8 rows: few enough for the CPU's copy
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     for _ in range(2):
         model.train()
@@ -284,7 +283,7 @@ def test_inference_head_copy_is_remade_after_a_fused_optimizer_step_and_a_cast()
 
 def hidden(model, ids):
     """The final LayerNorm's output, the LM head's input."""
-    return model._blocks(ids, torch.arange(ids.shape[1])[None], None, False, None, False)
+    return model._blocks(ids, torch.arange(ids.shape[1])[None])
 
 
 def test_torch_compile_fullgraph_traces_the_whole_model():

@@ -35,7 +35,8 @@ GELU_SHAPES = [(1, 1, 768), (1, 77, 1000), (6, 1, 3072), (2, 3, 6400), (77, 17)]
 
 def test_backend_is_available_or_says_why():
     backend = ops.backends()["triton"]
-    assert set(backend.impls) == set(ops.OPS)  # every op has a Triton kernel
+    # every op has a Triton kernel but the plain matmuls, which BLAS (cuBLAS) serves
+    assert set(ops.OPS) - set(backend.impls) == {"linear", "lm_head"}
     if CUDA or os.environ.get("TRITON_INTERPRET") == "1":
         assert REASON is None
     else:

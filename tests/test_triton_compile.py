@@ -68,9 +68,9 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     seed = torch.tensor([0])
     sample.sample_forward(logits, 0.8, 50, 0.9, seed, target=H100)
     sample.sample_forward(logits, 1.0, 0, 1.0, seed, target=H100)
-    targets = torch.tensor([3, -100, 50256, 0])
-    cross_entropy.linear_cross_entropy_forward(r(4, 768), r(50257, 768), targets, -100, True, True, True)
-    cross_entropy.linear_cross_entropy_forward(r(4, 768), r(50257, 768), targets, -100, False, False, False)
+    targets, scale = torch.tensor([3, -100, 50256, 0]), torch.ones(1)
+    cross_entropy.cross_entropy_rows(r(4, 50257), targets, scale, -100, True)
+    cross_entropy.cross_entropy_rows(r(4, 50257), targets, scale, -100, False)
 json.dump(compiled, sys.stdout)
 """
 

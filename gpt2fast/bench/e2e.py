@@ -22,7 +22,7 @@ import torch
 
 from ..checkpoint import config_to_hf
 from ..config import GPT2Config
-from ..model import GPT2
+from ..gpt2 import GPT2
 from ..train import loss_fn
 from .suite import Setting, dtype_name
 from .timing import Prepared, Timing

@@ -144,7 +144,9 @@ def _mlp_flops(x, w_fc, b_fc, w_proj, b_proj):
 
 @suite("gelu_mlp")
 def gelu_mlp(s: Setting) -> list[Case]:
-    shapes = s.pick(gpu=[(8192, 768, 3072)], cpu=[(512, 768, 3072)], quick=[(64, 768, 3072)])
+    # A decode step's rows (where the weights' reading is the cost) and a prefill's.
+    shapes = s.pick(gpu=[(8192, 768, 3072)], cpu=[(1, 768, 3072), (4, 768, 3072), (512, 768, 3072)],
+                    quick=[(64, 768, 3072)])
     compiled = ("not run with --quick on the CPU: compiling takes longer than the whole run"
                 if s.quick and s.device == "cpu" else Impl(torch.compile(_eager_mlp, dynamic=False)))
     peers = {"eager": Impl(_eager_mlp), "torch.compile": compiled, "matmuls only": Impl(_matmuls_only)}
@@ -226,4 +228,44 @@ def linear_cross_entropy(s: Setting) -> list[Case]:
 
     return [Case("linear_cross_entropy", f"{rows}x{width} V{VOCAB} fwd+bwd", dict(rows=rows, width=width, V=VOCAB),
                  lambda shape=(rows, width): make_args(*shape), _cross_entropy_flops, "flops", peers)
+            for rows, width in shapes]
+
+
+# ---- linear: x @ W + b, W [in, out]; a decode step's few rows read the whole weight: memory-bound there ----
+
+def _linear_bytes(x, weight, bias):
+    return nbytes(x, weight, bias) + x.shape[0] * weight.shape[1] * x.element_size()
+
+
+@suite("linear")
+def linear(s: Setting) -> list[Case]:
+    # GPT-2 small's attention input projection, at a decode step's rows and at a prefill's.
+    shapes = s.pick(gpu=[(1, 768, 2304), (16, 768, 2304), (8192, 768, 2304)],
+                    cpu=[(1, 768, 2304), (4, 768, 2304), (8, 768, 2304), (256, 768, 2304)], quick=[(1, 768, 2304)])
+    peers = {"F.linear(x, W.T)": Impl(lambda x, weight, bias: F.linear(x, weight.T, bias))}  # what nn.Linear runs
+
+    def make_args(rows, width, out):
+        return s.randn(rows, width), s.randn(width, out, scale=width**-0.5), s.randn(out)
+
+    return [Case("linear", f"{rows}x{width}->{out}", dict(rows=rows, width=width, out=out),
+                 lambda shape=(rows, width, out): make_args(*shape), _linear_bytes, "bytes", peers)
+            for rows, width, out in shapes]
+
+
+# ---- lm_head: the logits x @ wte^T over GPT-2's vocabulary; at decoding, reading wte is the cost ----
+
+def _lm_head_bytes(x, weight):
+    return nbytes(x, weight) + x.shape[0] * weight.shape[0] * x.element_size()
+
+
+@suite("lm_head")
+def lm_head(s: Setting) -> list[Case]:
+    shapes = s.pick(gpu=[(1, 768), (16, 768), (1, 1600)], cpu=[(1, 768), (4, 768), (8, 768)], quick=[(1, 768)])
+    peers = {"F.linear": Impl(F.linear)}  # what transformers' lm_head runs
+
+    def make_args(rows, width):
+        return s.randn(rows, width), s.randn(VOCAB, width, scale=width**-0.5)
+
+    return [Case("lm_head", f"{rows}x{width}->V{VOCAB}", dict(rows=rows, width=width, V=VOCAB),
+                 lambda shape=(rows, width): make_args(*shape), _lm_head_bytes, "bytes", peers)
             for rows, width in shapes]

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .. import env_info
 from ..config import PRESETS
 from . import ceilings, e2e, hf_patch, report
-from .suite import BACKENDS, DEFAULT_DTYPE, REFERENCE, SUITES, Case, Setting, dtype_name, prepare
+from .suite import DEFAULT_DTYPE, REFERENCE, SUITES, Case, Setting, backend_names, dtype_name, prepare
 from .timing import method, time_kernel, time_wall
 
 # Seconds of timed calls per implementation (after warm-up), per case and per end-to-end phase.
@@ -40,7 +40,7 @@ def main(args) -> None:
     ops = [] if args.ops == "none" else _choose(args.ops, list(SUITES), "op")
     models = [] if args.models == "none" else _choose(args.models, list(PRESETS), "model", DEFAULT_MODELS[s.device])
     # The reference is always measured: every speed-up is over it.
-    backends = list(dict.fromkeys([REFERENCE, *_choose(args.backends, list(BACKENDS), "backend")]))
+    backends = list(dict.fromkeys([REFERENCE, *_choose(args.backends, list(backend_names()), "backend")]))
     decode_batches = None if args.decode_batches is None else _batches(args.decode_batches)
     phases = _choose(args.phases, list(e2e.PHASES), "phase")
     if args.budget_s is not None and args.budget_s <= 0:
@@ -77,11 +77,13 @@ def _choose(value: str | None, known: list[str], what: str, default: list[str] |
     return chosen
 
 
-def run(ops: list[str], models: list[str], s: Setting, backends=BACKENDS, progress: bool = True,
+def run(ops: list[str], models: list[str], s: Setting, backends=None, progress: bool = True,
         decode_batches: tuple[int, ...] | None = None, budget_s: float | None = None,
         phase_names: list[str] = e2e.PHASES) -> dict:
     """Measure; with budget_s, nothing starts once that many seconds have passed since the start, and what
-    was left is recorded as skipped, so that a run cut short still writes what it measured."""
+    was left is recorded as skipped, so that a run cut short still writes what it measured. backends: every
+    registered one by default."""
+    backends = backend_names() if backends is None else backends
     deadline = Deadline(budget_s)
     cases = [case for op in ops for case in SUITES[op](s)]
     model_phases = {model: [p for p in hf_patch.with_patched_hf(e2e.phases(model, s, decode_batches), model, s)
@@ -114,7 +116,7 @@ def run(ops: list[str], models: list[str], s: Setting, backends=BACKENDS, progre
 
 
 def measure_case(case: Case, s: Setting, limits: dict, budget_s: float,
-                 backends=BACKENDS) -> tuple[list[dict], list[dict]]:
+                 backends=None) -> tuple[list[dict], list[dict]]:
     """Time every implementation of one case on the same fresh random inputs; one row each."""
     args, impls, refused = prepare(case, backends)
     times = {}

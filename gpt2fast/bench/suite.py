@@ -88,25 +88,28 @@ def suite(op: str):
     return wrap
 
 
-BACKENDS = registry.CHOICES[1:]  # every backend name, registered or not
+def backend_names() -> tuple[str, ...]:
+    """Every registered backend, the reference included: what a case measures unless told otherwise."""
+    return registry.choices()[1:]
 
 
-def prepare(case: Case, backends=BACKENDS) -> tuple[tuple, dict[str, Impl], dict[str, str]]:
+def prepare(case: Case, backends=None) -> tuple[tuple, dict[str, Impl], dict[str, str]]:
     """Fresh (seeded) random inputs for the case, and its implementations on them (see `implementations`)."""
     torch.manual_seed(0)
     args = case.make_args()
     return (args, *implementations(case, args, backends))
 
 
-def implementations(case: Case, args: tuple, backends=BACKENDS) -> tuple[dict[str, Impl], dict[str, str]]:
+def implementations(case: Case, args: tuple, backends=None) -> tuple[dict[str, Impl], dict[str, str]]:
     """(name -> Impl) to measure on these arguments, and (name -> reason) for those skipped.
 
-    Each backend named is tried. One that is unavailable or refuses the input is skipped with dispatch's
-    own reason (timing it would time the fallback under its name). Any implementation whose first call
-    raises is skipped with the error; that first call also does any compiling before the timing starts.
+    Each backend named (default: every registered one) is tried. One that is unavailable or refuses the input
+    is skipped with dispatch's own reason (timing it would time the fallback under its name). Any
+    implementation whose first call raises is skipped with the error; that first call also does any
+    compiling before the timing starts.
     """
     impls, skipped = {}, {}
-    for name in backends:
+    for name in backend_names() if backends is None else backends:
         reason = registry._refusal(name, case.op, args, {})
         if reason:
             skipped[name] = reason

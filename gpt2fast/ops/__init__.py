@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from . import reference  # noqa: F401  (registers the reference backend)
+from . import torch_cpu_backend  # noqa: F401  (registers the torch_cpu backend)
 from . import triton_backend  # noqa: F401  (registers the triton backend; imports triton only when probed)
-from . import cuda_backend  # noqa: F401  (registers the cuda backend; loads gpt2fast._C only when probed)
-from .reference import linear  # a plain matmul helper, not a dispatched op: PyTorch's BLAS serves every device
+from . import native_backend  # noqa: F401  (registers the native backend; loads gpt2fast._C only when probed)
 from .registry import (
     OPS,
     backends,
@@ -23,14 +23,17 @@ from .registry import (
     register,
     register_backend,
     resolve,
+    select_from_environment,
     set_backend,
     use_backend,
 )
 
+select_from_environment()  # GPT2FAST_BACKEND, now that the built-in backends are registered
+
 __all__ = [
     "OPS", "backends", "get_backend", "register", "register_backend", "set_backend", "use_backend",
     "layer_norm", "causal_attention", "decode_attention", "gelu_mlp", "bias_gelu", "sample", "linear",
-    "linear_cross_entropy",
+    "lm_head", "linear_cross_entropy", "check_token_ids",
 ]
 
 
@@ -160,6 +163,38 @@ def gelu_mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor, w_proj: to
     _shape("gelu_mlp", "w_proj", w_proj, (F, C))
     _shape("gelu_mlp", "b_proj", b_proj, (C,))
     return _dispatch("gelu_mlp", x.device, x, w_fc, b_fc, w_proj, b_proj)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight (+ bias): x [..., in], weight [in, out] (HF's Conv1D layout), bias [out]."""
+    _same_device_and_dtype("linear", x=x, weight=weight, **({} if bias is None else dict(bias=bias)))
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"linear: x must be [..., in] and weight [in, out], got shapes {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    _shape("linear", "weight", weight, (x.shape[-1], weight.shape[-1]))
+    if bias is not None:
+        _shape("linear", "bias", bias, (weight.shape[-1],))
+    return _dispatch("linear", x.device, x, weight, bias)
+
+
+def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The logits x @ weight.T: x [..., C], weight [V, C] (the token embedding the head is tied to)."""
+    _same_device_and_dtype("lm_head", x=x, weight=weight)
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"lm_head: x must be [..., C] and weight [V, C], got shapes {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    _shape("lm_head", "weight", weight, (weight.shape[0], x.shape[-1]))
+    return _dispatch("lm_head", x.device, x, weight)
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """ValueError naming the first id outside [0, vocab_size). It reads the values, so it waits for the device:
+    eager code only (compiled code skips it; the embedding still bounds-checks there)."""
+    if torch.compiler.is_compiling() or not ids.numel():
+        return
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        bad = ids[(ids < 0) | (ids >= vocab_size)][0].item()
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 def as_number(value, integral: bool) -> int | float | None:

@@ -1,8 +1,9 @@
-"""The reference (`torch`) backend: plain PyTorch, always available.
+"""The reference (`torch`) backend: the plain-PyTorch statement of each op, always available.
 
-It is the fallback for every other backend and the oracle their tests compare with, so it favours
-clarity and numerical care over speed: low-precision inputs are computed in fp32 and cast back,
-masks use -inf, never a large finite constant.
+It is the fallback for every other backend and the oracle their tests compare with, so it holds clarity and
+numerical care and nothing else: low-precision inputs are computed in fp32 and cast back, masks use -inf,
+never a large finite constant, and no path depends on the device or on compilation. Speed work for a device
+is a backend of its own (`torch_cpu_backend.py` for the CPU).
 """
 from __future__ import annotations
 
@@ -21,37 +22,6 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def _fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """fp16 and bf16 tensors in fp32; fp32 and fp64 ones as they are (fp64 keeps its precision)."""
     return [t.float() if t.dtype in _LOW_PRECISION else t for t in tensors]
-
-
-# At most this many rows take the split-K path below (measured: 1.6-1.8x at 1 to 4 rows, even at 16).
-SPLIT_K_MAX_ROWS = 8
-
-
-def _split_k_parts(rows: torch.Tensor, weight: torch.Tensor) -> int:
-    """Slices of the inner dimension for the split-K path, or 0 to use plain addmm (compiled code too:
-    the compiler picks its own matmul)."""
-    if torch.compiler.is_compiling() or rows.device.type != "cpu" or rows.shape[0] > SPLIT_K_MAX_ROWS:
-        return 0
-    n = torch.get_num_threads()
-    return n if n > 1 and weight.shape[0] % n == 0 and weight.is_contiguous() else 0
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight (+ bias), weight [in, out]: PyTorch's matmul, plus one path of our own for decoding.
-
-    For a few rows on a CPU, BLAS streams the weight from one core (about 20 GB/s measured on a 2-core
-    EPYC). Splitting the inner dimension into one slice per thread and summing the partial products
-    (one bmm) streams it from all of them: a GPT-2 decode step went from 29 to 22 ms.
-    """
-    rows = x.reshape(-1, x.shape[-1])
-    K, N = weight.shape
-    n = _split_k_parts(rows, weight)
-    if n > 1:
-        y = torch.bmm(rows.view(-1, n, K // n).transpose(0, 1), weight.view(n, K // n, N)).sum(0)
-        y = y if bias is None else y + bias
-    else:
-        y = rows @ weight if bias is None else torch.addmm(bias, rows, weight)
-    return y.view(*x.shape[:-1], N)
 
 
 @register("layer_norm", REFERENCE)
@@ -87,37 +57,17 @@ def append_kv(k_cache, v_cache, lengths, k_new, v_new) -> None:
 
 @register("decode_attention", REFERENCE)
 def decode_attention(q, k_cache, v_cache, lengths, k_new=None, v_new=None):
+    """Every query against the whole cache, masked to its sequence's length and its own position."""
     if k_new is not None:
         append_kv(k_cache, v_cache, lengths, k_new, v_new)
     if q.dtype in _LOW_PRECISION:
         return decode_attention(*_fp32(q, k_cache, v_cache), lengths).to(q.dtype)
-    # Entries past a sequence's length may hold anything, NaN included.
-    if lengths.device.type == "cpu" and not torch.compiler.is_compiling():
-        # The lengths are at hand: each sequence attends to its own prefix and never touches the rest
-        # (10x faster than masking the whole cache, measured at B=4, cache 512).
-        return torch.cat([_attend_prefix(q[b:b + 1], k_cache[b:b + 1], v_cache[b:b + 1], n)
-                          for b, n in enumerate(lengths.tolist())])
-    return decode_attention_masked(q, k_cache, v_cache, lengths)
-
-
-def decode_attention_masked(q, k_cache, v_cache, lengths):
-    """decode_attention with no host sync, so that CUDA graphs can capture it (the path off the CPU).
-
-    A masked score still multiplies its value (0 * NaN = NaN), so the entries past each length are zeroed.
-    """
+    # Entries past a sequence's length may hold anything, NaN included, and a masked score still multiplies
+    # its value (0 * NaN = NaN): they are zeroed.
     S = k_cache.shape[2]
     valid = (torch.arange(S, device=q.device) < lengths[:, None])[:, None, :, None]
     k, v = torch.where(valid, k_cache, 0.0), torch.where(valid, v_cache, 0.0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=decode_mask(lengths, q.shape[2], S))
-
-
-def _attend_prefix(q, k_cache, v_cache, length: int):
-    """One sequence's Tq newest queries against its first `length` keys (causal among the new ones)."""
-    k, v = k_cache[:, :, :length], v_cache[:, :, :length]
-    if q.shape[2] == 1:
-        return F.scaled_dot_product_attention(q, k, v)
-    mask = decode_mask(torch.tensor([length], device=q.device), q.shape[2], length)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 @register("bias_gelu", REFERENCE)
@@ -132,6 +82,17 @@ def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj):
     return linear(F.gelu(linear(x, w_fc, b_fc), approximate="tanh"), w_proj, b_proj)
 
 
+@register("linear", REFERENCE)
+def linear(x, weight, bias=None):
+    return x @ weight if bias is None else torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(
+        *x.shape[:-1], weight.shape[1])
+
+
+@register("lm_head", REFERENCE)
+def lm_head(x, weight):
+    return F.linear(x, weight)
+
+
 # ---- sampling: HF's logits warpers (temperature, then top-k, then top-p), then one draw ----
 
 
@@ -139,9 +100,6 @@ def _resolve_posinf(logits: torch.Tensor) -> torch.Tensor:
     """Rows holding +inf put all their mass, evenly, on the +inf entries (the limit of softmax)."""
     posinf = logits == math.inf
     has_posinf = posinf.any(dim=-1, keepdim=True)
-    if logits.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(has_posinf.any()):
-        # A shortcut that reads a value: only where that costs no sync (the CPU) and breaks no graph.
-        return logits
     inside = torch.where(posinf, 0.0, -math.inf)
     return torch.where(has_posinf, inside, logits)
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import formulas
+from . import custom_ops
 from .registry import register, register_backend
 
 NAME = "triton"
@@ -88,7 +88,7 @@ def layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     return y, x.new_empty(0) if h is None else h, mean, rstd
 
 
-layer_norm_op.register_fake(formulas.layer_norm_fake)
+layer_norm_op.register_fake(custom_ops.layer_norm_fake)
 
 
 @torch.library.custom_op("gpt2fast::layer_norm_backward_triton", mutates_args=())
@@ -98,8 +98,8 @@ def layer_norm_backward_op(grad_y: Tensor, grad_h: Optional[Tensor], h: Tensor, 
     return _kernels("layer_norm").layer_norm_backward(grad_y, grad_h, h, weight, mean, rstd)
 
 
-layer_norm_backward_op.register_fake(formulas.layer_norm_backward_fake)
-_backward, _setup_context = formulas.layer_norm_autograd(layer_norm_backward_op)
+layer_norm_backward_op.register_fake(custom_ops.layer_norm_backward_fake)
+_backward, _setup_context = custom_ops.layer_norm_autograd(layer_norm_backward_op)
 layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -125,7 +125,7 @@ def bias_gelu_op(x: Tensor, bias: Tensor) -> Tensor:
     return _kernels("bias_gelu").bias_gelu_forward(x, bias)
 
 
-bias_gelu_op.register_fake(formulas.bias_gelu_fake)
+bias_gelu_op.register_fake(custom_ops.bias_gelu_fake)
 
 
 @torch.library.custom_op("gpt2fast::bias_gelu_backward_triton", mutates_args=())
@@ -134,8 +134,8 @@ def bias_gelu_backward_op(grad_y: Tensor, x: Tensor, bias: Tensor) -> tuple[Tens
     return _kernels("bias_gelu").bias_gelu_backward(grad_y, x, bias)
 
 
-bias_gelu_backward_op.register_fake(formulas.bias_gelu_backward_fake)
-_backward, _setup_context = formulas.bias_gelu_autograd(bias_gelu_backward_op)
+bias_gelu_backward_op.register_fake(custom_ops.bias_gelu_backward_fake)
+_backward, _setup_context = custom_ops.bias_gelu_autograd(bias_gelu_backward_op)
 bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -157,7 +157,7 @@ def causal_attention_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor
     return _kernels("causal_attention").causal_attention_forward(q, k, v)
 
 
-causal_attention_op.register_fake(formulas.causal_attention_fake)
+causal_attention_op.register_fake(custom_ops.causal_attention_fake)
 
 
 @torch.library.custom_op("gpt2fast::causal_attention_backward_triton", mutates_args=())
@@ -202,35 +202,15 @@ def causal_attention(q, k, v):
 @torch.library.custom_op("gpt2fast::gelu_mlp_triton", mutates_args=())
 def gelu_mlp_op(x: Tensor, w_fc: Tensor, b_fc: Tensor, w_proj: Tensor, b_proj: Tensor,
                 save_pre: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, act, pre): act = gelu_tanh(pre), pre = x @ w_fc + b_fc, or an empty tensor unless save_pre.
-
-    The backward uses torch matmuls for the input and weight gradients and the bias_gelu backward
-    kernel for the GELU (kernels/gelu_mlp.py)."""
+    """(y, act, pre): act = gelu_tanh(pre + b_fc), pre = x @ w_fc, or an empty tensor unless save_pre (the
+    backward then recomputes it)."""
     y, act, pre = _kernels("gelu_mlp").gelu_mlp_forward(x, w_fc, b_fc, w_proj, b_proj, save_pre)
     return y, act, x.new_empty(0) if pre is None else pre
 
 
-@gelu_mlp_op.register_fake
-def _(x, w_fc, b_fc, w_proj, b_proj, save_pre):
-    hidden = x.new_empty(*x.shape[:-1], w_fc.shape[1])
-    return x.new_empty(x.shape), hidden, torch.empty_like(hidden) if save_pre else x.new_empty(0)
-
-
-def _gelu_mlp_setup_context(ctx, inputs, output):
-    x, w_fc, b_fc, w_proj, _, _ = inputs
-    _, act, pre = output
-    ctx.save_for_backward(x, w_fc, b_fc, w_proj, act, pre)
-
-
-def _gelu_mlp_backward(ctx, grad_y, _grad_act, _grad_pre):
-    x, w_fc, b_fc, w_proj, act, pre = ctx.saved_tensors
-    if pre.numel() == 0 and act.numel() > 0:  # called without save_pre: recompute it
-        pre = torch.addmm(b_fc, x.reshape(-1, x.shape[-1]), w_fc)
-    grads = _kernels("gelu_mlp").gelu_mlp_backward(grad_y, x, w_fc, w_proj, act, pre, bias_gelu_backward_op)
-    return (*grads, None)
-
-
-gelu_mlp_op.register_autograd(_gelu_mlp_backward, setup_context=_gelu_mlp_setup_context)
+gelu_mlp_op.register_fake(custom_ops.gelu_mlp_fake)
+_backward, _setup_context = custom_ops.gelu_mlp_autograd(bias_gelu_backward_op)
+gelu_mlp_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @register("gelu_mlp", NAME, supports=lambda x, *weights: _device_and_dtype(x))
@@ -316,13 +296,13 @@ def linear_cross_entropy_op(x: Tensor, weight: Tensor, targets: Tensor, ignore_i
                             grad_x: bool, grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, dx, dweight): the loss's gradients come out of the forward (each an empty tensor unless asked for),
     so the backward only scales them."""
-    loss, dx, dw = _kernels("cross_entropy").linear_cross_entropy_forward(x, weight, targets, ignore_index, mean,
-                                                                          grad_x, grad_weight)
+    loss, dx, dw = custom_ops.linear_cross_entropy_chunks(x, weight, targets, ignore_index, mean, grad_x, grad_weight,
+                                                          _kernels("cross_entropy").cross_entropy_rows)
     return loss, x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw
 
 
-linear_cross_entropy_op.register_fake(formulas.linear_cross_entropy_fake)
-_backward, _setup_context = formulas.linear_cross_entropy_autograd()
+linear_cross_entropy_op.register_fake(custom_ops.linear_cross_entropy_fake)
+_backward, _setup_context = custom_ops.linear_cross_entropy_autograd()
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 

@@ -1,11 +1,11 @@
-"""What the fast backends' custom ops share: the fake (meta) functions of ops with the same outputs, and the
-autograd formulas, each built around a backend's own backward op.
+"""The pieces the backends' torch.library custom ops share: fake (meta) functions, autograd formulas (each
+built around a backend's own backward op), and the chunk loop of linear_cross_entropy.
 
-The `triton` ops (`gpt2fast::<op>_triton`) and the `cuda` ones (`gpt2fast::<op>_cuda`) of layer_norm,
-bias_gelu and causal_attention have the same outputs: layer_norm returns (y, h, mean, rstd), h empty
-without a residual (an output may not alias x); causal_attention returns (out, lse). linear_cross_entropy
-(a triton op only, so far) returns (loss, dx, dweight), its gradients computed in the forward, so that its
-formula needs no backward op.
+The `triton` ops (`gpt2fast::<op>_triton`) and the `native` ones (`gpt2fast::<op>_native`) of an op have the
+same outputs: layer_norm returns (y, h, mean, rstd), h empty without a residual (an output may not alias x);
+causal_attention returns (out, lse); gelu_mlp returns (y, act, pre), pre = x @ w_fc without b_fc (so that
+the bias_gelu backward op, which adds its bias, takes it as it takes any input); linear_cross_entropy returns
+(loss, dx, dweight), its gradients computed in the forward, so that its formula needs no backward op.
 """
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ def causal_attention_fake(q, k, v):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
+def gelu_mlp_fake(x, w_fc, b_fc, w_proj, b_proj, save_pre=True):
+    """(y, act, pre); pre is an empty tensor where the op was asked not to keep it (save_pre=False)."""
+    hidden = x.new_empty(*x.shape[:-1], w_fc.shape[1])
+    return x.new_empty(x.shape), hidden, torch.empty_like(hidden) if save_pre else x.new_empty(0)
+
+
 def layer_norm_autograd(backward_op: Callable) -> tuple[Callable, Callable]:
     """(backward, setup_context) for a layer_norm op; backward_op(grad_y, grad_h, h, weight, mean, rstd)
     returns (dh, dweight, dbias), h being the normalised input (x + residual, or x)."""
@@ -64,6 +70,30 @@ def bias_gelu_autograd(backward_op: Callable) -> tuple[Callable, Callable]:
 
     def backward(ctx, grad_y):
         return backward_op(grad_y, *ctx.saved_tensors)
+
+    return backward, setup_context
+
+
+def gelu_mlp_autograd(bias_gelu_backward_op: Callable) -> tuple[Callable, Callable]:
+    """(backward, setup_context) for a gelu_mlp op (x, w_fc, b_fc, w_proj, b_proj, *flags) -> (y, act, pre):
+    torch matmuls for the matmuls' gradients, and bias_gelu_backward_op(grad_y, x, bias) -> (dx, dbias) for d pre
+    from d act: pre holds no b_fc, so the op adds it, and the bias gradient it returns, the column sums of
+    d pre, is db_fc. An empty pre (the forward did not keep it) is recomputed."""
+
+    def setup_context(ctx, inputs, output):
+        x, w_fc, b_fc, w_proj = inputs[:4]
+        _, act, pre = output
+        ctx.flags = len(inputs) - 5  # non-tensor inputs after b_proj, whose gradients are None
+        ctx.save_for_backward(x, w_fc, b_fc, w_proj, act, pre)
+
+    def backward(ctx, grad_y, _grad_act, _grad_pre):
+        x, w_fc, b_fc, w_proj, act, pre = ctx.saved_tensors
+        C, F = w_fc.shape
+        dy, x2, act2 = grad_y.reshape(-1, C), x.reshape(-1, C), act.reshape(-1, F)
+        if pre.numel() == 0 and act.numel() > 0:
+            pre = x2 @ w_fc
+        d_pre, db_fc = bias_gelu_backward_op(dy @ w_proj.T, pre.reshape(-1, F), b_fc)
+        return (d_pre @ w_fc.T).view(x.shape), x2.T @ d_pre, db_fc, act2.T @ dy, dy.sum(0), *(None,) * ctx.flags
 
     return backward, setup_context
 

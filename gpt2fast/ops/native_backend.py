@@ -1,27 +1,44 @@
-"""The `cuda` backend: the C++ and CUDA kernels of csrc/, built into the extension module gpt2fast._C.
+"""The `native` backend: the C++ and CUDA kernels of csrc/, built into the extension module gpt2fast._C.
 
-The extension defines each op as a PyTorch operator, `gpt2fast::<op>_cuda`, with a CPU kernel, a CUDA
+The extension defines each op as a PyTorch operator, `gpt2fast::<op>_native`, with a CPU kernel, a CUDA
 kernel or both (csrc/bindings.cpp checks the tensors). Here each gets its fake function (torch.compile
 traces through it), its autograd formula where training needs one, and its registration with
-gpt2fast.ops. Importing this module never loads the extension: the probe does, on first use.
+gpt2fast.ops. Importing this module never loads the extension: the probe does, on first use, and reads
+the kernels' limits from it (csrc/gpt2fast.h states them, and nothing else does).
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import formulas, reference
+from . import custom_ops, reference
 from .registry import register, register_backend
 
-NAME = "cuda"
+NAME = "native"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REBUILD = "`pip install --no-build-isolation -e .` where torch is installed"
+
+# The kernels' limits, from gpt2fast._C.limits() (csrc/gpt2fast.h's constants); filled by the probe, which
+# always runs before any `supports`, so that those are plain lookups that torch.compile can trace.
+LAYER_NORM_MAX_WIDTH = 0
+CAUSAL_HEAD_DIMS: tuple[int, ...] = ()
+DECODE_HEAD_DIMS: tuple[int, ...] = ()
+DECODE_MAX_QUERIES = 0
+
 
 def _probe() -> Optional[str]:
+    global LAYER_NORM_MAX_WIDTH, CAUSAL_HEAD_DIMS, DECODE_HEAD_DIMS, DECODE_MAX_QUERIES
     try:
-        from gpt2fast import _C  # noqa: F401  (loading it defines the operators)
+        from gpt2fast import _C  # loading it defines the operators
     except ImportError as e:
-        return (f"the extension gpt2fast._C is not built ({type(e).__name__}: {e}); reinstall with "
-                f"`pip install --no-build-isolation -e .` where torch is installed")
+        return f"the extension gpt2fast._C is not built ({type(e).__name__}: {e}); reinstall with {REBUILD}"
+    if not hasattr(_C, "limits"):
+        return f"the extension gpt2fast._C is older than this gpt2fast (it has no limits()); rebuild it with {REBUILD}"
+    limits = _C.limits()
+    LAYER_NORM_MAX_WIDTH = limits["layer_norm_max_width"]
+    CAUSAL_HEAD_DIMS = limits["causal_attention_head_dims"]
+    DECODE_HEAD_DIMS = limits["decode_attention_head_dims"]
+    DECODE_MAX_QUERIES = limits["decode_attention_max_queries"]
     _find_kernels()
     _register_python_parts()
     return None
@@ -39,7 +56,7 @@ def _find_kernels() -> None:
     """Which kernels the loaded extension has. A build without CUDA (a CPU torch, or no nvcc) has none for
     CUDA, and a build older than an op none at all."""
     for qualified in torch._C._dispatch_get_all_op_names():
-        if qualified.startswith("gpt2fast::") and qualified.endswith("_cuda"):
+        if qualified.startswith("gpt2fast::") and qualified.endswith("_native"):
             for device_type, key in _DISPATCH_KEYS.items():
                 _KERNELS[qualified.split("::")[1], device_type] = \
                     torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key)
@@ -58,7 +75,7 @@ def _refusal(op: str, t: Tensor, *no_grad: Tensor) -> Optional[str]:
         return "inputs that require grad (the kernel has no backward: the reference runs, with autograd)"
     if not _has_kernel(op, t.device.type):
         rebuild = (" (it was built without CUDA, or before this op: with a CUDA torch and nvcc, rebuild it with "
-                   "`pip install --no-build-isolation -e .`)") if t.device.type == "cuda" else ""
+                   f"{REBUILD})") if t.device.type == "cuda" else ""
         return f"tensors on {t.device}: gpt2fast._C has no {t.device.type} kernel of {op}{rebuild}"
     return None
 
@@ -68,23 +85,23 @@ def _register_python_parts() -> None:
     older than an op lacks it; _refusal then keeps the op on the reference)."""
     ops = torch.ops.gpt2fast
     fakes = {
-        "layer_norm_cuda": formulas.layer_norm_fake,
-        "layer_norm_backward_cuda": formulas.layer_norm_backward_fake,
-        "bias_gelu_cuda": formulas.bias_gelu_fake,
-        "bias_gelu_backward_cuda": formulas.bias_gelu_backward_fake,
-        "gelu_mlp_cuda": _gelu_mlp_fake,
-        "causal_attention_cuda": formulas.causal_attention_fake,
-        "decode_attention_cuda": lambda q, k_cache, v_cache, lengths: q.new_empty(q.shape),
-        "decode_attention_append_cuda": lambda q, k_cache, v_cache, lengths, k_new, v_new: q.new_empty(q.shape),
-        "sample_cuda": lambda logits, *params: logits.new_empty(logits.shape[0], dtype=torch.int64),
+        "layer_norm_native": custom_ops.layer_norm_fake,
+        "layer_norm_backward_native": custom_ops.layer_norm_backward_fake,
+        "bias_gelu_native": custom_ops.bias_gelu_fake,
+        "bias_gelu_backward_native": custom_ops.bias_gelu_backward_fake,
+        "gelu_mlp_native": custom_ops.gelu_mlp_fake,
+        "causal_attention_native": custom_ops.causal_attention_fake,
+        "decode_attention_native": lambda q, k_cache, v_cache, lengths: q.new_empty(q.shape),
+        "decode_attention_append_native": lambda q, k_cache, v_cache, lengths, k_new, v_new: q.new_empty(q.shape),
+        "sample_native": lambda logits, *params: logits.new_empty(logits.shape[0], dtype=torch.int64),
     }
     for op, fake in fakes.items():
         if hasattr(ops, op):
             torch.library.register_fake(f"gpt2fast::{op}")(fake)
     autograd = {  # built lazily: a formula names its backward op, which exists only in a build that has it
-        "layer_norm_cuda": lambda: formulas.layer_norm_autograd(ops.layer_norm_backward_cuda),
-        "bias_gelu_cuda": lambda: formulas.bias_gelu_autograd(ops.bias_gelu_backward_cuda),
-        "gelu_mlp_cuda": lambda: (_gelu_mlp_backward, _gelu_mlp_setup_context),
+        "layer_norm_native": lambda: custom_ops.layer_norm_autograd(ops.layer_norm_backward_native),
+        "bias_gelu_native": lambda: custom_ops.bias_gelu_autograd(ops.bias_gelu_backward_native),
+        "gelu_mlp_native": lambda: custom_ops.gelu_mlp_autograd(ops.bias_gelu_backward_native),
     }
     for op, formula in autograd.items():
         if hasattr(ops, op):
@@ -94,76 +111,47 @@ def _register_python_parts() -> None:
 
 # ---- layer_norm ----
 
-LAYER_NORM_MAX_WIDTH = 8192  # csrc/gpt2fast.h's layer_norm_max_width: the kernels hold a row in registers
-
 
 def _layer_norm_supports(x, weight, bias, eps=1e-5, residual=None) -> Optional[str]:
     if not 0 < x.shape[-1] <= LAYER_NORM_MAX_WIDTH:
         return f"width {x.shape[-1]} (the kernels take 1 to {LAYER_NORM_MAX_WIDTH})"
-    return _refusal("layer_norm_cuda", x)
+    return _refusal("layer_norm_native", x)
 
 
 @register("layer_norm", NAME, supports=_layer_norm_supports)
 def layer_norm(x, weight, bias, eps=1e-5, residual=None):
-    y, h, _, _ = torch.ops.gpt2fast.layer_norm_cuda(x, weight, bias, float(eps), residual)
+    y, h, _, _ = torch.ops.gpt2fast.layer_norm_native(x, weight, bias, float(eps), residual)
     return y if residual is None else (y, h)
 
 
 # ---- bias_gelu and gelu_mlp ----
 
 
-def _gelu_mlp_fake(x, w_fc, b_fc, w_proj, b_proj):
-    """(y, act, pre): pre = x @ w_fc, act = gelu_tanh(pre + b_fc), both [..., F]."""
-    hidden = x.new_empty(*x.shape[:-1], w_fc.shape[1])
-    return x.new_empty(x.shape), hidden, torch.empty_like(hidden)
-
-
-def _gelu_mlp_setup_context(ctx, inputs, output):
-    x, w_fc, b_fc, w_proj, _ = inputs
-    _, act, pre = output
-    ctx.save_for_backward(x, w_fc, b_fc, w_proj, act, pre)
-
-
-def _gelu_mlp_backward(ctx, grad_y, _grad_act, _grad_pre):
-    """Torch matmuls for the matmuls' gradients, the bias_gelu backward op for d pre from d act (pre holds no
-    b_fc here, so the op adds it, and the bias gradient it returns, the column sums of d pre, is db_fc)."""
-    x, w_fc, b_fc, w_proj, act, pre = ctx.saved_tensors
-    C, F = w_fc.shape
-    dy, x2, act2 = grad_y.reshape(-1, C), x.reshape(-1, C), act.reshape(-1, F)
-    d_pre, db_fc = torch.ops.gpt2fast.bias_gelu_backward_cuda(dy @ w_proj.T, pre.reshape(-1, F), b_fc)
-    return (d_pre @ w_fc.T).view(x.shape), x2.T @ d_pre, db_fc, act2.T @ dy, dy.sum(0)
-
-
-@register("bias_gelu", NAME, supports=lambda x, bias: _refusal("bias_gelu_cuda", x))
+@register("bias_gelu", NAME, supports=lambda x, bias: _refusal("bias_gelu_native", x))
 def bias_gelu(x, bias):
-    return torch.ops.gpt2fast.bias_gelu_cuda(x, bias)
+    return torch.ops.gpt2fast.bias_gelu_native(x, bias)
 
 
-@register("gelu_mlp", NAME, supports=lambda x, *weights: _refusal("gelu_mlp_cuda", x))
+@register("gelu_mlp", NAME, supports=lambda x, *weights: _refusal("gelu_mlp_native", x))
 def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj):
-    return torch.ops.gpt2fast.gelu_mlp_cuda(x, w_fc, b_fc, w_proj, b_proj)[0]  # act and pre: for the backward
+    return torch.ops.gpt2fast.gelu_mlp_native(x, w_fc, b_fc, w_proj, b_proj)[0]  # act and pre: for the backward
 
 
 # ---- causal_attention (inference only: the kernel has no backward yet) ----
-
-CAUSAL_HEAD_DIMS = (32, 64, 128)
 
 
 def _causal_attention_supports(q, k, v) -> Optional[str]:
     if q.shape[3] not in CAUSAL_HEAD_DIMS:
         return f"head dim {q.shape[3]} (the kernel takes {', '.join(map(str, CAUSAL_HEAD_DIMS))})"
-    return _refusal("causal_attention_cuda", q, q, k, v)
+    return _refusal("causal_attention_native", q, q, k, v)
 
 
 @register("causal_attention", NAME, supports=_causal_attention_supports)
 def causal_attention(q, k, v):
-    return torch.ops.gpt2fast.causal_attention_cuda(q, k, v)[0]  # (out, lse): lse is for a backward
+    return torch.ops.gpt2fast.causal_attention_native(q, k, v)[0]  # (out, lse): lse is for a backward
 
 
 # ---- decode_attention (inference only: decoding needs no autograd) ----
-
-DECODE_HEAD_DIMS = (16, 32, 64, 128)
-DECODE_MAX_QUERIES = 16  # the newest tokens of a sequence, as decoding appends them (csrc/gpt2fast.h)
 
 
 def _decode_attention_supports(q, k_cache, v_cache, lengths, k_new=None, v_new=None) -> Optional[str]:
@@ -171,7 +159,7 @@ def _decode_attention_supports(q, k_cache, v_cache, lengths, k_new=None, v_new=N
         return f"{q.shape[2]} queries (the kernel takes 1 to {DECODE_MAX_QUERIES})"
     if q.shape[3] not in DECODE_HEAD_DIMS:
         return f"head dim {q.shape[3]} (the kernel takes {', '.join(map(str, DECODE_HEAD_DIMS))})"
-    return _refusal("decode_attention_cuda", q, q, k_cache, v_cache)
+    return _refusal("decode_attention_native", q, q, k_cache, v_cache)
 
 
 def _rows_of_16_bytes(t: Tensor) -> bool:
@@ -185,46 +173,46 @@ def _rows_of_16_bytes(t: Tensor) -> bool:
 @register("decode_attention", NAME, supports=_decode_attention_supports)
 def decode_attention(q, k_cache, v_cache, lengths, k_new=None, v_new=None):
     if k_new is None:
-        return torch.ops.gpt2fast.decode_attention_cuda(q, k_cache, v_cache, lengths)
-    if (_has_kernel("decode_attention_append_cuda", q.device.type) and _rows_of_16_bytes(k_cache)
+        return torch.ops.gpt2fast.decode_attention_native(q, k_cache, v_cache, lengths)
+    if (_has_kernel("decode_attention_append_native", q.device.type) and _rows_of_16_bytes(k_cache)
             and _rows_of_16_bytes(v_cache)):  # the kernel appends, in place
-        return torch.ops.gpt2fast.decode_attention_append_cuda(q, k_cache, v_cache, lengths, k_new, v_new)
+        return torch.ops.gpt2fast.decode_attention_append_native(q, k_cache, v_cache, lengths, k_new, v_new)
     reference.append_kv(k_cache, v_cache, lengths, k_new, v_new)  # an older build, or caches read through a copy
-    return torch.ops.gpt2fast.decode_attention_cuda(q, k_cache, v_cache, lengths)
+    return torch.ops.gpt2fast.decode_attention_native(q, k_cache, v_cache, lengths)
 
 
 # ---- sample (no autograd: it draws integers) ----
 
 
-@register("sample", NAME, supports=lambda logits, *params: _refusal("sample_cuda", logits))
+@register("sample", NAME, supports=lambda logits, *params: _refusal("sample_native", logits))
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     if temperature == 0:
         return logits.argmax(dim=-1)  # greedy: the first of equal maxima, as the reference; no kernel needed
     # The kernel's draws are keyed by a seed drawn from the generator (or torch's default one), so a seed
     # gives the same ids and the generator's state advances.
     seed = torch.randint(0, 2**62, (1,), generator=generator, device=logits.device)
-    return torch.ops.gpt2fast.sample_cuda(logits, float(temperature), top_k or 0,
-                                          1.0 if top_p is None else float(top_p), seed)
+    return torch.ops.gpt2fast.sample_native(logits, float(temperature), top_k or 0,
+                                            1.0 if top_p is None else float(top_p), seed)
 
 
 # ---- linear_cross_entropy: ATen's matmuls, a chunk of rows at a time, around the CUDA row kernel ----
 
 
-@torch.library.custom_op("gpt2fast::linear_cross_entropy_chunked_cuda", mutates_args=())
+@torch.library.custom_op("gpt2fast::linear_cross_entropy_chunked_native", mutates_args=())
 def linear_cross_entropy_op(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, mean: bool,
                             grad_x: bool, grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, dx, dweight), the gradients made in the forward (each an empty tensor unless asked for)."""
-    loss, dx, dw = formulas.linear_cross_entropy_chunks(x, weight, targets, ignore_index, mean, grad_x, grad_weight,
-                                                        torch.ops.gpt2fast.cross_entropy_rows_cuda)
+    loss, dx, dw = custom_ops.linear_cross_entropy_chunks(x, weight, targets, ignore_index, mean, grad_x, grad_weight,
+                                                          torch.ops.gpt2fast.cross_entropy_rows_native)
     return loss, x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dw is None else dw
 
 
-linear_cross_entropy_op.register_fake(formulas.linear_cross_entropy_fake)
-_backward, _setup_context = formulas.linear_cross_entropy_autograd()
+linear_cross_entropy_op.register_fake(custom_ops.linear_cross_entropy_fake)
+_backward, _setup_context = custom_ops.linear_cross_entropy_autograd()
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@register("linear_cross_entropy", NAME, supports=lambda x, *args: _refusal("cross_entropy_rows_cuda", x))
+@register("linear_cross_entropy", NAME, supports=lambda x, *args: _refusal("cross_entropy_rows_native", x))
 def linear_cross_entropy(x, weight, targets, ignore_index=-100, reduction="mean"):
     grads = torch.is_grad_enabled()
     return linear_cross_entropy_op(x, weight, targets, ignore_index, reduction == "mean",

@@ -1,4 +1,4 @@
-"""The CUDA kernel of sample (csrc/sample.cu), as the operator gpt2fast::sample_cuda on CUDA tensors: ids
+"""The CUDA kernel of sample (csrc/sample.cu), as the operator gpt2fast::sample_native on CUDA tensors: ids
 inside the kept set at GPT-2's vocabulary, the same seed giving the same ids, opcheck, torch.compile and
 replay from a CUDA graph.
 
@@ -13,13 +13,13 @@ import torch
 
 import gpt2fast
 from gpt2fast import ops
-from gpt2fast.ops import cuda_backend as cb
+from gpt2fast.ops import native_backend as nb
 from test_ops_sample import kept_tokens
 
-REASON = ops.backends()["cuda"].unavailable_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cuda backend unavailable: {REASON}")
+REASON = ops.backends()["native"].unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native backend unavailable: {REASON}")
 BUILT_WITH_CUDA = REASON is None and importlib.import_module("gpt2fast._C").with_cuda  # the probe has loaded it
-HAS_CUDA_KERNEL = REASON is None and cb._has_kernel("sample_cuda", "cuda")
+HAS_CUDA_KERNEL = REASON is None and nb._has_kernel("sample_native", "cuda")
 needs_cuda_kernel = pytest.mark.skipif(not HAS_CUDA_KERNEL, reason="gpt2fast._C has no CUDA kernel of sample")
 GPT2_VOCAB = 50257
 PARAMS = [dict(), dict(top_k=50), dict(top_p=0.9), dict(top_k=50, top_p=0.9),
@@ -28,7 +28,7 @@ PARAMS = [dict(), dict(top_k=50), dict(top_p=0.9), dict(top_k=50, top_p=0.9),
 
 def sample_op(logits, temperature=1.0, top_k=0, top_p=1.0, seed=0):
     seed = torch.tensor([seed], device=logits.device) if isinstance(seed, int) else seed
-    return torch.ops.gpt2fast.sample_cuda(logits, temperature, top_k, top_p, seed)
+    return torch.ops.gpt2fast.sample_native(logits, temperature, top_k, top_p, seed)
 
 
 def gpt2_logits(rows, seed, dtype=torch.float32):
@@ -39,13 +39,13 @@ def gpt2_logits(rows, seed, dtype=torch.float32):
 
 
 def test_sample_takes_cuda_tensors_exactly_where_the_extension_has_its_kernel():
-    supports = ops.backends()["cuda"].impls["sample"].supports
+    supports = ops.backends()["native"].impls["sample"].supports
     on_cuda = types.SimpleNamespace(dtype=torch.float32, device=torch.device("cuda"))  # no GPU needed to ask
     reason = supports(on_cuda, 1.0, None, 0.9, None)
     if HAS_CUDA_KERNEL:
         assert reason is None
     else:
-        assert "gpt2fast._C has no cuda kernel of sample_cuda" in reason
+        assert "gpt2fast._C has no cuda kernel of sample_native" in reason
 
 
 @pytest.mark.skipif(not BUILT_WITH_CUDA, reason="gpt2fast._C was built without CUDA")
@@ -91,7 +91,7 @@ def test_same_seed_gives_same_ids():
 @needs_cuda_kernel
 def test_custom_op_passes_opcheck_on_cuda():
     logits = gpt2_logits(5, seed=9)
-    torch.library.opcheck(torch.ops.gpt2fast.sample_cuda.default,
+    torch.library.opcheck(torch.ops.gpt2fast.sample_native.default,
                           (logits, 0.8, 5, 0.9, torch.tensor([3], device="cuda")))
 
 
@@ -102,11 +102,11 @@ def test_torch_compile_fullgraph_on_cuda():
     seed = torch.tensor([11], device="cuda")
 
     def draw(x, seed):
-        return torch.ops.gpt2fast.sample_cuda(x, 1.0, 50, 0.9, seed)
+        return torch.ops.gpt2fast.sample_native(x, 1.0, 50, 0.9, seed)
 
     torch._dynamo.reset()
     assert torch.equal(torch.compile(draw, fullgraph=True)(logits, seed), draw(logits, seed))
-    ids = torch.compile(lambda x: cb.sample(x, 1.0, 50, 0.9), fullgraph=True)(logits)
+    ids = torch.compile(lambda x: nb.sample(x, 1.0, 50, 0.9), fullgraph=True)(logits)
     assert ids.shape == (4,) and bool(((ids >= 0) & (ids < GPT2_VOCAB)).all())
 
 
@@ -148,10 +148,10 @@ def test_cuda_graph_replays_with_new_logits_and_seed():
 
 @pytest.mark.gpu
 @needs_cuda_kernel
-def test_cuda_graph_replays_ops_sample_on_the_cuda_backend():
+def test_cuda_graph_replays_ops_sample_on_the_native_backend():
     rows = 8
     logits, _ = peaked(rows, 0)
-    with gpt2fast.use_backend("cuda"):
+    with gpt2fast.use_backend("native"):
         generator = torch.Generator(device="cuda").manual_seed(0)
         ops.sample(logits, 0.8, 50, 0.9, generator)
         graph = torch.cuda.CUDAGraph()

@@ -1,5 +1,5 @@
 """The CUDA kernels of layer_norm, bias_gelu and gelu_mlp (csrc/layer_norm.cu, csrc/bias_gelu.cu), as the
-operators gpt2fast::layer_norm_cuda, bias_gelu_cuda, gelu_mlp_cuda and their backward operators.
+operators gpt2fast::layer_norm_native, bias_gelu_native, gelu_mlp_native and their backward operators.
 
 Without a GPU: the operators' schemas, the backend's refusals (CPU tensors, widths, dtypes, an extension
 built before these operators) and the autograd formulas' glue, with the backward operators stood in for
@@ -17,30 +17,29 @@ import torch
 
 import gpt2fast
 from gpt2fast import ops
-from gpt2fast.ops import cuda_backend as cb
-from gpt2fast.ops import formulas
+from gpt2fast.ops import custom_ops, native_backend as nb
 from conftest import assert_close, fallback_records, randn
 from test_ops_layer_norm import make_inputs, naive_layer_norm
 from test_ops_mlp import mlp_weights, naive_gelu_mlp, naive_gelu_tanh
 
-REASON = ops.backends()["cuda"].unavailable_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cuda backend unavailable: {REASON}")
+REASON = ops.backends()["native"].unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native backend unavailable: {REASON}")
 
 SCHEMAS = {
-    "layer_norm_cuda": "gpt2fast::layer_norm_cuda(Tensor x, Tensor weight, Tensor bias, float eps, Tensor? residual) "
-                       "-> (Tensor, Tensor, Tensor, Tensor)",
-    "layer_norm_backward_cuda": "gpt2fast::layer_norm_backward_cuda(Tensor grad_y, Tensor? grad_h, Tensor h, "
-                                "Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
-    "bias_gelu_cuda": "gpt2fast::bias_gelu_cuda(Tensor x, Tensor bias) -> Tensor",
-    "bias_gelu_backward_cuda": "gpt2fast::bias_gelu_backward_cuda(Tensor grad_y, Tensor x, Tensor bias) "
-                               "-> (Tensor, Tensor)",
-    "gelu_mlp_cuda": "gpt2fast::gelu_mlp_cuda(Tensor x, Tensor w_fc, Tensor b_fc, Tensor w_proj, Tensor b_proj) "
-                     "-> (Tensor, Tensor, Tensor)",
+    "layer_norm_native": "gpt2fast::layer_norm_native(Tensor x, Tensor weight, Tensor bias, float eps, "
+                         "Tensor? residual) -> (Tensor, Tensor, Tensor, Tensor)",
+    "layer_norm_backward_native": "gpt2fast::layer_norm_backward_native(Tensor grad_y, Tensor? grad_h, Tensor h, "
+                                  "Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
+    "bias_gelu_native": "gpt2fast::bias_gelu_native(Tensor x, Tensor bias) -> Tensor",
+    "bias_gelu_backward_native": "gpt2fast::bias_gelu_backward_native(Tensor grad_y, Tensor x, Tensor bias) "
+                                 "-> (Tensor, Tensor)",
+    "gelu_mlp_native": "gpt2fast::gelu_mlp_native(Tensor x, Tensor w_fc, Tensor b_fc, Tensor w_proj, "
+                       "Tensor b_proj) -> (Tensor, Tensor, Tensor)",
 }
 UNBUILT = sorted(op for op in SCHEMAS if REASON is None and not hasattr(torch.ops.gpt2fast, op))
 needs_ops = pytest.mark.skipif(bool(UNBUILT), reason=f"gpt2fast._C was built before {', '.join(UNBUILT)} "
                                                      f"existed: rebuild it (pip install --no-build-isolation -e .)")
-needs_cuda_kernels = pytest.mark.skipif(REASON is not None or not cb._has_kernel("layer_norm_cuda", "cuda"),
+needs_cuda_kernels = pytest.mark.skipif(REASON is not None or not nb._has_kernel("layer_norm_native", "cuda"),
                                         reason="gpt2fast._C has no CUDA kernels (built without CUDA)")
 
 
@@ -98,7 +97,7 @@ def test_cpu_tensors_get_the_reference_and_one_log_line(fresh_log, caplog, op):
     """The kernels run on CUDA tensors only: on CPU ones the backend refuses, once per reason, and the
     reference runs (the operators have no CPU kernel, so a kernel call would raise)."""
     args = CALLS[op]()
-    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("cuda"):
+    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("native"):
         for _ in range(2):
             got, want = getattr(ops, op)(*args), oracle(op, *args)
             got = got if isinstance(got, tuple) else (got,)
@@ -111,22 +110,22 @@ def test_cpu_tensors_get_the_reference_and_one_log_line(fresh_log, caplog, op):
 
 
 def test_refusals_name_their_reason(monkeypatch):
-    monkeypatch.setattr(cb, "_has_kernel", lambda op, device_type: True)
+    monkeypatch.setattr(nb, "_has_kernel", lambda op, device_type: True)
     weight = torch.empty(8193)
-    assert cb._layer_norm_supports(on_cuda(2, 8192), weight, weight) is None
-    assert cb._layer_norm_supports(on_cuda(2, 8193), weight, weight) == "width 8193 (the kernels take 1 to 8192)"
-    assert "dtype torch.float64" in cb._layer_norm_supports(on_cuda(2, 768, dtype=torch.float64), weight, weight)
-    bias_gelu, gelu_mlp = (ops.backends()["cuda"].impls[op].supports for op in ("bias_gelu", "gelu_mlp"))
+    assert nb._layer_norm_supports(on_cuda(2, 8192), weight, weight) is None
+    assert nb._layer_norm_supports(on_cuda(2, 8193), weight, weight) == "width 8193 (the kernels take 1 to 8192)"
+    assert "dtype torch.float64" in nb._layer_norm_supports(on_cuda(2, 768, dtype=torch.float64), weight, weight)
+    bias_gelu, gelu_mlp = (ops.backends()["native"].impls[op].supports for op in ("bias_gelu", "gelu_mlp"))
     assert bias_gelu(on_cuda(2, 3072), None) is None and gelu_mlp(on_cuda(2, 768), None, None, None, None) is None
     assert "dtype torch.float64" in bias_gelu(on_cuda(2, 3072, dtype=torch.float64), None)
 
 
 def test_an_extension_built_before_the_operators_is_refused_with_how_to_rebuild(monkeypatch):
-    monkeypatch.setattr(cb, "_has_kernel", lambda op, device_type: False)
+    monkeypatch.setattr(nb, "_has_kernel", lambda op, device_type: False)
     weight = torch.empty(768)
-    for reason in (cb._layer_norm_supports(on_cuda(2, 768), weight, weight),
-                   ops.backends()["cuda"].impls["bias_gelu"].supports(on_cuda(2, 3072), None),
-                   ops.backends()["cuda"].impls["gelu_mlp"].supports(on_cuda(2, 768), None, None, None, None)):
+    for reason in (nb._layer_norm_supports(on_cuda(2, 768), weight, weight),
+                   ops.backends()["native"].impls["bias_gelu"].supports(on_cuda(2, 3072), None),
+                   ops.backends()["native"].impls["gelu_mlp"].supports(on_cuda(2, 768), None, None, None, None)):
         assert "has no cuda kernel of" in reason and "--no-build-isolation" in reason
 
 
@@ -138,14 +137,14 @@ class Context(types.SimpleNamespace):
 
 
 def layer_norm_backward64(grad_y, grad_h, h, weight):
-    """layer_norm_backward_cuda's (dh, dweight, dbias) in fp64, by autograd through naive_layer_norm."""
+    """layer_norm_backward_native's (dh, dweight, dbias) in fp64, by autograd through naive_layer_norm."""
     leaves = [t.detach().double().requires_grad_() for t in (h, weight, torch.zeros_like(weight))]
     dh, dweight, dbias = torch.autograd.grad(naive_layer_norm(*leaves, 1e-5), leaves, grad_y.double())
     return dh if grad_h is None else dh + grad_h.double(), dweight, dbias
 
 
 def bias_gelu_backward64(grad_y, x, bias):
-    """bias_gelu_backward_cuda's (dx, dbias) in fp64, by autograd through naive_gelu_tanh."""
+    """bias_gelu_backward_native's (dx, dbias) in fp64, by autograd through naive_gelu_tanh."""
     z = (x.double() + bias.double()).requires_grad_()
     (dz,) = torch.autograd.grad(naive_gelu_tanh(z), z, grad_y.double())
     return dz, dz.reshape(-1, x.shape[-1]).sum(0)
@@ -154,7 +153,7 @@ def bias_gelu_backward64(grad_y, x, bias):
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
 def test_layer_norm_autograd_formula_routes_the_gradients(with_residual):
     """setup_context saves h (x without a residual); dh reaches x, and residual when there is one."""
-    backward, setup_context = formulas.layer_norm_autograd(
+    backward, setup_context = custom_ops.layer_norm_autograd(
         lambda grad_y, grad_h, h, weight, mean, rstd: tuple(t.float() for t in layer_norm_backward64(grad_y, grad_h,
                                                                                                     h, weight)))
     x, weight, bias, eps, residual = ln_args(100)
@@ -178,19 +177,22 @@ def test_layer_norm_autograd_formula_routes_the_gradients(with_residual):
     assert (d_residual is None) != with_residual
 
 
-def test_gelu_mlp_autograd_formula_matches_fp64_autograd(monkeypatch):
-    """The formula's matmuls and b_fc wiring (pre excludes b_fc: the bias_gelu backward adds it)."""
-    stand_in = lambda grad_y, x, bias: tuple(t.float() for t in bias_gelu_backward64(grad_y, x, bias))  # noqa: E731
-    monkeypatch.setattr(torch.ops.gpt2fast, "bias_gelu_backward_cuda", stand_in, raising=False)
+@pytest.mark.parametrize("saved", [True, False], ids=["saved", "recomputed"])
+def test_gelu_mlp_autograd_formula_matches_fp64_autograd(saved):
+    """The formula's matmuls and b_fc wiring (pre excludes b_fc: the bias_gelu backward adds it), from a saved
+    pre or, where the forward kept none (the triton op's save_pre=False), a recomputed one."""
+    backward, setup_context = custom_ops.gelu_mlp_autograd(
+        lambda grad_y, x, bias: tuple(t.float() for t in bias_gelu_backward64(grad_y, x, bias)))
     x = randn(2, 5, 33, seed=8)
     weights = mlp_weights(33, 100, torch.float32, "cpu", seed=9)
     w_fc, b_fc, w_proj, _ = weights
     pre = x @ w_fc
     act = naive_gelu_tanh(pre + b_fc).float()
     ctx = Context()
-    cb._gelu_mlp_setup_context(ctx, (x, *weights), (None, act, pre))
+    setup_context(ctx, (x, *weights, saved), (None, act, pre if saved else torch.empty(0)))
     grad_y = randn(2, 5, 33, seed=10)
-    grads = cb._gelu_mlp_backward(ctx, grad_y, None, None)
+    *grads, d_saved = backward(ctx, grad_y, None, None)
+    assert d_saved is None
 
     leaves = [t.double().requires_grad_() for t in (x, *weights)]
     want = torch.autograd.grad((naive_gelu_mlp(*leaves) * grad_y.double()).sum(), leaves)
@@ -226,7 +228,7 @@ def test_layer_norm_forward_and_backward_gpt2_shapes(dtype, shape, with_residual
         x, residual, weight, bias = make_inputs(shape, dtype, "cuda", seed=seed)
         residual = residual if with_residual else None
         poison_allocator((shape, dtype), (shape, dtype), (shape[:-1], torch.float32), (shape[:-1], torch.float32))
-        y, h, mean, rstd = torch.ops.gpt2fast.layer_norm_cuda(x, weight, bias, 1e-5, residual)
+        y, h, mean, rstd = torch.ops.gpt2fast.layer_norm_native(x, weight, bias, 1e-5, residual)
         h64 = x.double() + residual.double() if with_residual else x.double()
         assert y.dtype == dtype and mean.dtype == rstd.dtype == torch.float32 and mean.shape == shape[:-1]
         if with_residual:
@@ -243,7 +245,7 @@ def test_layer_norm_forward_and_backward_gpt2_shapes(dtype, shape, with_residual
             grad_h = randn(*shape, dtype=dtype, device="cuda", seed=seed + 8)
         saved = h if with_residual else x
         poison_allocator((shape, dtype), ((shape[-1],), dtype), ((shape[-1],), dtype))
-        dh, dweight, dbias = torch.ops.gpt2fast.layer_norm_backward_cuda(grad_y, grad_h, saved, weight, mean, rstd)
+        dh, dweight, dbias = torch.ops.gpt2fast.layer_norm_backward_native(grad_y, grad_h, saved, weight, mean, rstd)
         want_dh, want_dweight, want_dbias = layer_norm_backward64(grad_y, grad_h, saved, weight)
         rows = math.prod(shape[:-1])
         assert_close(dh, want_dh, scale=2)
@@ -259,12 +261,12 @@ def test_bias_gelu_forward_and_backward_gpt2_shapes(dtype, shape):
         x = randn(*shape, dtype=dtype, device="cuda", seed=seed, scale=2.5)
         bias = randn(shape[-1], dtype=dtype, device="cuda", seed=seed + 1)
         poison_allocator((shape, dtype))
-        y = torch.ops.gpt2fast.bias_gelu_cuda(x, bias)
+        y = torch.ops.gpt2fast.bias_gelu_native(x, bias)
         assert_close(y, naive_gelu_tanh(x.double() + bias.double()), scale=2)
 
         grad_y = randn(*shape, dtype=dtype, device="cuda", seed=seed + 2)
         poison_allocator((shape, dtype), ((shape[-1],), dtype))
-        dx, dbias = torch.ops.gpt2fast.bias_gelu_backward_cuda(grad_y, x, bias)
+        dx, dbias = torch.ops.gpt2fast.bias_gelu_backward_native(grad_y, x, bias)
         want_dx, want_dbias = bias_gelu_backward64(grad_y, x, bias)
         assert_close(dx, want_dx, scale=2)
         assert_close(dbias, want_dbias, scale=2 * math.prod(shape[:-1]) ** 0.5)
@@ -277,7 +279,7 @@ def test_gelu_mlp_outputs_gpt2_shapes(dtype, C):
         x = randn(4, 1024, C, dtype=dtype, device="cuda", seed=seed)
         weights = mlp_weights(C, 4 * C, dtype, "cuda", seed=seed + 1)
         poison_allocator(((4, 1024, 4 * C), dtype), ((4, 1024, C), dtype))
-        y, act, pre = torch.ops.gpt2fast.gelu_mlp_cuda(x, *weights)
+        y, act, pre = torch.ops.gpt2fast.gelu_mlp_native(x, *weights)
         assert act.shape == pre.shape == (4, 1024, 4 * C) and y.shape == x.shape
         pre64 = x.double() @ weights[0].double()
         assert_close(pre, pre64, scale=2)
@@ -292,13 +294,13 @@ def test_non_contiguous_inputs():
     weight = randn(2000, device="cuda", seed=12, shift=1.0)[::2]
     bias = randn(1000, device="cuda", seed=13)
     residual = randn(3, 1000, 77, device="cuda", seed=14).transpose(1, 2)
-    y, h, _, _ = torch.ops.gpt2fast.layer_norm_cuda(x, weight, bias, 1e-5, residual)
+    y, h, _, _ = torch.ops.gpt2fast.layer_norm_native(x, weight, bias, 1e-5, residual)
     assert_close(h, x.double() + residual.double())
     assert_close(y, naive_layer_norm(h.double(), weight, bias, 1e-5))
-    assert_close(torch.ops.gpt2fast.bias_gelu_cuda(x, bias), naive_gelu_tanh(x.double() + bias.double()), scale=2)
+    assert_close(torch.ops.gpt2fast.bias_gelu_native(x, bias), naive_gelu_tanh(x.double() + bias.double()), scale=2)
     w_fc, b_fc, w_proj, b_proj = mlp_weights(1000, 256, torch.float32, "cuda", seed=15)
     w_fc = w_fc.T.contiguous().T  # column-major, as a transposed nn.Linear weight
-    y, _, _ = torch.ops.gpt2fast.gelu_mlp_cuda(x, w_fc, b_fc, w_proj, b_proj)
+    y, _, _ = torch.ops.gpt2fast.gelu_mlp_native(x, w_fc, b_fc, w_proj, b_proj)
     assert_close(y, naive_gelu_mlp(x, w_fc, b_fc, w_proj, b_proj), scale=3)
 
 
@@ -308,29 +310,29 @@ def cuda_ones(*shape, dtype=torch.float32):
 
 
 VALID_CALLS = {  # per operator: a call it takes, as (name, shape or value) pairs
-    "layer_norm_cuda": dict(x=(2, 8), weight=(8,), bias=(8,), eps=1e-5, residual=None),
-    "layer_norm_backward_cuda": dict(grad_y=(2, 8), grad_h=None, h=(2, 8), weight=(8,), mean=(2,), rstd=(2,)),
-    "bias_gelu_cuda": dict(x=(2, 8), bias=(8,)),
-    "bias_gelu_backward_cuda": dict(grad_y=(2, 8), x=(2, 8), bias=(8,)),
-    "gelu_mlp_cuda": dict(x=(2, 8), w_fc=(8, 32), b_fc=(32,), w_proj=(32, 8), b_proj=(8,)),
+    "layer_norm_native": dict(x=(2, 8), weight=(8,), bias=(8,), eps=1e-5, residual=None),
+    "layer_norm_backward_native": dict(grad_y=(2, 8), grad_h=None, h=(2, 8), weight=(8,), mean=(2,), rstd=(2,)),
+    "bias_gelu_native": dict(x=(2, 8), bias=(8,)),
+    "bias_gelu_backward_native": dict(grad_y=(2, 8), x=(2, 8), bias=(8,)),
+    "gelu_mlp_native": dict(x=(2, 8), w_fc=(8, 32), b_fc=(32,), w_proj=(32, 8), b_proj=(8,)),
 }
 BAD_ARGUMENTS = {  # name: (operator, the arguments changed, the error it must raise)
-    "cpu": ("layer_norm_cuda", lambda: dict(x=torch.ones(2, 8)), "x must be a CUDA tensor"),
-    "wide": ("layer_norm_cuda", lambda: dict(x=cuda_ones(2, 8193), weight=cuda_ones(8193), bias=cuda_ones(8193)),
+    "cpu": ("layer_norm_native", lambda: dict(x=torch.ones(2, 8)), "x must be a CUDA tensor"),
+    "wide": ("layer_norm_native", lambda: dict(x=cuda_ones(2, 8193), weight=cuda_ones(8193), bias=cuda_ones(8193)),
              "1 to 8192 wide"),
-    "narrow": ("layer_norm_cuda", lambda: dict(x=cuda_ones(2, 0), weight=cuda_ones(0), bias=cuda_ones(0)),
+    "narrow": ("layer_norm_native", lambda: dict(x=cuda_ones(2, 0), weight=cuda_ones(0), bias=cuda_ones(0)),
                "1 to 8192 wide"),
-    "weight": ("layer_norm_cuda", lambda: dict(weight=cuda_ones(9)), r"weight and bias must be \[8\]"),
-    "eps": ("layer_norm_cuda", lambda: dict(eps=0.0), "eps must be finite and > 0"),
-    "residual": ("layer_norm_cuda", lambda: dict(residual=cuda_ones(3, 8)), "residual must have x's shape"),
-    "mixed_dtypes": ("layer_norm_cuda", lambda: dict(weight=cuda_ones(8, dtype=torch.half)), "expected Float"),
-    "mean": ("layer_norm_backward_cuda", lambda: dict(mean=cuda_ones(2, dtype=torch.half)), "mean must be float32"),
-    "grad_y": ("layer_norm_backward_cuda", lambda: dict(grad_y=cuda_ones(2, 9)), "grad_y must have h's shape"),
-    "bias": ("bias_gelu_cuda", lambda: dict(bias=cuda_ones(9)), r"bias must be \[8\]"),
-    "gelu_grad_y": ("bias_gelu_backward_cuda", lambda: dict(grad_y=cuda_ones(2, 9)), "grad_y must have x's shape"),
-    "w_proj": ("gelu_mlp_cuda", lambda: dict(w_proj=cuda_ones(8, 32)), r"w_proj must be \[32, 8\]"),
-    "double": ("gelu_mlp_cuda", lambda: {name: cuda_ones(*shape, dtype=torch.float64)
-                                         for name, shape in VALID_CALLS["gelu_mlp_cuda"].items()},
+    "weight": ("layer_norm_native", lambda: dict(weight=cuda_ones(9)), r"weight and bias must be \[8\]"),
+    "eps": ("layer_norm_native", lambda: dict(eps=0.0), "eps must be finite and > 0"),
+    "residual": ("layer_norm_native", lambda: dict(residual=cuda_ones(3, 8)), "residual must have x's shape"),
+    "mixed_dtypes": ("layer_norm_native", lambda: dict(weight=cuda_ones(8, dtype=torch.half)), "expected Float"),
+    "mean": ("layer_norm_backward_native", lambda: dict(mean=cuda_ones(2, dtype=torch.half)), "mean must be float32"),
+    "grad_y": ("layer_norm_backward_native", lambda: dict(grad_y=cuda_ones(2, 9)), "grad_y must have h's shape"),
+    "bias": ("bias_gelu_native", lambda: dict(bias=cuda_ones(9)), r"bias must be \[8\]"),
+    "gelu_grad_y": ("bias_gelu_backward_native", lambda: dict(grad_y=cuda_ones(2, 9)), "grad_y must have x's shape"),
+    "w_proj": ("gelu_mlp_native", lambda: dict(w_proj=cuda_ones(8, 32)), r"w_proj must be \[32, 8\]"),
+    "double": ("gelu_mlp_native", lambda: {name: cuda_ones(*shape, dtype=torch.float64)
+                                         for name, shape in VALID_CALLS["gelu_mlp_native"].items()},
                "float32, float16 or bfloat16"),
 }
 
@@ -349,24 +351,24 @@ def test_the_operators_check_their_arguments(case):
 def test_custom_ops_pass_opcheck():
     x, residual, weight, bias = make_inputs((3, 100), torch.float32, "cuda", seed=16, requires_grad=True)
     for args in ((x, weight, bias, 1e-5, residual), (x, weight, bias, 1e-5, None)):
-        torch.library.opcheck(torch.ops.gpt2fast.layer_norm_cuda.default, args)
+        torch.library.opcheck(torch.ops.gpt2fast.layer_norm_native.default, args)
     with torch.no_grad():
-        _, h, mean, rstd = torch.ops.gpt2fast.layer_norm_cuda(x, weight, bias, 1e-5, residual)
+        _, h, mean, rstd = torch.ops.gpt2fast.layer_norm_native(x, weight, bias, 1e-5, residual)
     grad = randn(3, 100, device="cuda", seed=17)
-    torch.library.opcheck(torch.ops.gpt2fast.layer_norm_backward_cuda.default,
+    torch.library.opcheck(torch.ops.gpt2fast.layer_norm_backward_native.default,
                           (grad, grad, h, weight.detach(), mean, rstd))
     gelu_x, gelu_bias = randn(5, 17, device="cuda", seed=18), randn(17, device="cuda", seed=19)
-    torch.library.opcheck(torch.ops.gpt2fast.bias_gelu_cuda.default,
+    torch.library.opcheck(torch.ops.gpt2fast.bias_gelu_native.default,
                           (gelu_x.requires_grad_(), gelu_bias.requires_grad_()))
-    torch.library.opcheck(torch.ops.gpt2fast.bias_gelu_backward_cuda.default,
+    torch.library.opcheck(torch.ops.gpt2fast.bias_gelu_backward_native.default,
                           (torch.randn_like(gelu_x), gelu_x.detach(), gelu_bias.detach()))
-    torch.library.opcheck(torch.ops.gpt2fast.gelu_mlp_cuda.default,
+    torch.library.opcheck(torch.ops.gpt2fast.gelu_mlp_native.default,
                           tuple(t.requires_grad_() for t in mlp_args(device="cuda")))
 
 
 def norm_then_mlp(x, residual, weight, bias, mlp):
-    y, h = cb.layer_norm(x, weight, bias, 1e-5, residual)
-    return cb.gelu_mlp(y, *mlp) + cb.bias_gelu(h, mlp[3]) + cb.layer_norm(h, weight, bias)
+    y, h = nb.layer_norm(x, weight, bias, 1e-5, residual)
+    return nb.gelu_mlp(y, *mlp) + nb.bias_gelu(h, mlp[3]) + nb.layer_norm(h, weight, bias)
 
 
 @on_gpu
@@ -391,10 +393,10 @@ def test_cuda_graph_replays_the_kernels():
                 *mlp_weights(768, 3072, seed=seed + 10, **bf16)]
 
     def step(x, residual, weight, bias, grad, *mlp):
-        y, h, mean, rstd = torch.ops.gpt2fast.layer_norm_cuda(x, weight, bias, 1e-5, residual)
-        dh = torch.ops.gpt2fast.layer_norm_backward_cuda(grad, grad, h, weight, mean, rstd)[0]
-        out, act, pre = torch.ops.gpt2fast.gelu_mlp_cuda(y, *mlp)
-        d_pre = torch.ops.gpt2fast.bias_gelu_backward_cuda(act, pre, mlp[1])[0]
+        y, h, mean, rstd = torch.ops.gpt2fast.layer_norm_native(x, weight, bias, 1e-5, residual)
+        dh = torch.ops.gpt2fast.layer_norm_backward_native(grad, grad, h, weight, mean, rstd)[0]
+        out, act, pre = torch.ops.gpt2fast.gelu_mlp_native(y, *mlp)
+        d_pre = torch.ops.gpt2fast.bias_gelu_backward_native(act, pre, mlp[1])[0]
         return y, h, dh, out, d_pre
 
     static = fresh(0)

@@ -57,7 +57,7 @@ def test_bindings_compile_with_their_cuda_parts():
 
 
 def test_the_extension_is_built_and_loads():
-    """.ci/install builds gpt2fast._C (its CPU kernels here): the cuda backend must not be missing it."""
+    """.ci/install builds gpt2fast._C (its CPU kernels here): the native backend must not be missing it."""
     result = subprocess.run([sys.executable, "-c", "import gpt2fast._C as C; print(C.with_cuda)"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

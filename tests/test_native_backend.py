@@ -1,35 +1,38 @@
-"""The `cuda` backend (csrc/, gpt2fast._C): its probe, refusals, its operators' checks, opcheck and
+"""The `native` backend (csrc/, gpt2fast._C): its probe, refusals, its operators' checks, opcheck and
 torch.compile, and its CPU sampler on GPT-2's vocabulary.
 
 test_ops_sample.py runs the sampler against the exact distribution too (support, chi-square, HF
 parity), through the `backend` fixture; the per-op test files do the same for every CUDA kernel on a GPU.
 """
 import logging
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import gpt2fast
 from gpt2fast import ops
-from gpt2fast.ops import cuda_backend as cb
+from gpt2fast.ops import native_backend as nb
 from test_ops_sample import kept_tokens, random_logits
 from conftest import fallback_records
 
-REASON = ops.backends()["cuda"].unavailable_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cuda backend unavailable: {REASON}")
+REASON = ops.backends()["native"].unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native backend unavailable: {REASON}")
 GPT2_VOCAB = 50257
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sample_op(logits, temperature=1.0, top_k=0, top_p=1.0, seed=0):
-    return torch.ops.gpt2fast.sample_cuda(logits, temperature, top_k, top_p, torch.tensor([seed]))
+    return torch.ops.gpt2fast.sample_native(logits, temperature, top_k, top_p, torch.tensor([seed]))
 
 
 def test_backends_command_lists_the_ops_built_here():
     out = subprocess.run([sys.executable, "-m", "gpt2fast", "backends"], capture_output=True, text=True,
                          check=True, timeout=120).stdout
-    line = next(line for line in out.splitlines() if line.startswith("cuda "))
+    line = next(line for line in out.splitlines() if line.startswith("native "))
     assert line.split()[1] == "available" and "sample" in line
 
 
@@ -38,11 +41,64 @@ def test_without_the_extension_the_backend_says_how_to_build_it():
 import sys
 sys.modules["gpt2fast._C"] = None  # what a missing extension looks like to import
 from gpt2fast import ops
-print(ops.backends()["cuda"].unavailable_reason())
+print(ops.backends()["native"].unavailable_reason())
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "gpt2fast._C is not built" in result.stdout and "--no-build-isolation" in result.stdout
+
+
+def test_an_extension_built_before_limits_is_refused_with_how_to_rebuild_it():
+    code = """
+import sys, types
+sys.modules["gpt2fast._C"] = types.ModuleType("gpt2fast._C")  # an older build: no limits()
+from gpt2fast import ops
+print(ops.backends()["native"].unavailable_reason())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "has no limits()" in result.stdout and "--no-build-isolation" in result.stdout
+
+
+# ---- the kernels' limits: csrc/gpt2fast.h states them, _C exports them, the backend reads them ----
+
+LIMITS = {"layer_norm_max_width": "LAYER_NORM_MAX_WIDTH", "causal_attention_head_dims": "CAUSAL_HEAD_DIMS",
+          "decode_attention_head_dims": "DECODE_HEAD_DIMS", "decode_attention_max_queries": "DECODE_MAX_QUERIES"}
+
+
+def header_limits() -> dict:
+    """gpt2fast.h's int64 constants: `constexpr int64_t name = n;` and `constexpr int64_t name[] = {a, b};`."""
+    found = re.findall(r"constexpr int64_t (\w+)(\[\])? = \{?([\d, ]+)\}?;", (ROOT / "csrc" / "gpt2fast.h").read_text())
+    return {name: tuple(map(int, values.split(","))) if array else int(values) for name, array, values in found}
+
+
+def test_the_backends_limits_are_the_extensions_and_those_gpt2fast_h_states():
+    from gpt2fast import _C
+
+    assert _C.limits() == header_limits() and set(_C.limits()) == set(LIMITS)
+    assert {name: getattr(nb, attribute) for name, attribute in LIMITS.items()} == _C.limits()
+
+
+def test_no_source_but_gpt2fast_h_writes_the_limits():
+    """The bindings' checks, the attention kernels' instantiations and the backend's refusals name the header's
+    constants: none spells out their values."""
+    limits = header_limits()
+    sources = [p for p in sorted((ROOT / "csrc").iterdir()) if p.suffix in (".cpp", ".cu", ".cuh", ".h")
+               and p.name != "gpt2fast.h"] + sorted((ROOT / "gpt2fast" / "ops").glob("*.py"))
+    attention = [p for p in sources if "attention" in p.name]
+    head_dims = sorted({*limits["causal_attention_head_dims"], *limits["decode_attention_head_dims"]})
+    forbidden = {
+        "a list of head dims": (r"\b" + r"\W+(?:or\W+)?".join(map(str, limits["causal_attention_head_dims"])) + r"\b",
+                                sources),
+        "a head dim compared": (r"head_dim\s*==\s*\d", sources),
+        "a head dim instantiated": (r"case\s+(?:" + "|".join(map(str, head_dims)) + r")\s*:", attention),
+        "the widest LayerNorm row": (rf"\b{limits['layer_norm_max_width']}\b",
+                                     [p for p in sources if p.suffix in (".cpp", ".py")]),
+        "the most decode queries": (rf"(?i)max_queries\s*=\s*{limits['decode_attention_max_queries']}\b", sources),
+    }
+    found = [f"{path.relative_to(ROOT)}: {what}: {match.group(0)!r}" for what, (pattern, paths) in forbidden.items()
+             for path in paths for match in re.finditer(pattern, path.read_text())]
+    assert not found, found
 
 
 @pytest.mark.parametrize("params", [dict(), dict(top_k=50), dict(top_p=0.9), dict(temperature=0.7, top_k=200, top_p=0.8)],
@@ -95,12 +151,12 @@ def test_the_operator_checks_its_arguments(args, match):
     """Called directly, past gpt2fast.ops' own checks, the operator still refuses what its kernel cannot take."""
     call = dict(logits=torch.zeros(2, 3), temperature=1.0, top_k=0, top_p=1.0, seed=torch.tensor([0])) | args
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.gpt2fast.sample_cuda(*call.values())
+        torch.ops.gpt2fast.sample_native(*call.values())
 
 
 def test_refused_dtype_gets_the_reference_and_one_log_line(fresh_log, monkeypatch, caplog):
     logits = random_logits(20, seed=8).double()[None]
-    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("cuda"):
+    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("native"):
         for _ in range(2):
             assert ops.sample(logits, top_k=1).tolist() == [int(logits.argmax())]
     records = fallback_records(caplog)
@@ -108,20 +164,20 @@ def test_refused_dtype_gets_the_reference_and_one_log_line(fresh_log, monkeypatc
 
 
 def test_tensors_on_a_device_without_kernels_are_refused():
-    reason = cb._refusal("sample_cuda", torch.zeros(2, 3, device="meta"))
-    assert "tensors on meta: gpt2fast._C has no meta kernel of sample_cuda" in reason
+    reason = nb._refusal("sample_native", torch.zeros(2, 3, device="meta"))
+    assert "tensors on meta: gpt2fast._C has no meta kernel of sample_native" in reason
 
 
 def test_custom_op_passes_opcheck():
     logits = torch.randn(5, 33, generator=torch.Generator().manual_seed(9))
-    torch.library.opcheck(torch.ops.gpt2fast.sample_cuda.default, (logits, 0.8, 5, 0.9, torch.tensor([3])))
+    torch.library.opcheck(torch.ops.gpt2fast.sample_native.default, (logits, 0.8, 5, 0.9, torch.tensor([3])))
 
 
 def test_torch_compile_fullgraph_traces_the_backend():
     logits = torch.randn(4, 33, generator=torch.Generator().manual_seed(10))
 
     def draw(x, generator=None):
-        return cb.sample(x, 1.0, 0, 0.9, generator)
+        return nb.sample(x, 1.0, 0, 0.9, generator)
 
     torch.manual_seed(0)
     compiled = torch.compile(draw, fullgraph=True)(logits)

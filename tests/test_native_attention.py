@@ -1,4 +1,4 @@
-"""The `cuda` backend's attention operators (csrc/causal_attention.cu, csrc/decode_attention.cu): refusals with
+"""The `native` backend's attention operators (csrc/causal_attention.cu, csrc/decode_attention.cu): refusals with
 one log line and the reference's result, on any machine; on a GPU, the operators themselves at GPT-2's shapes
 against fp64 oracles (the log-sum-exp too, NaN in the cache past every length), opcheck, torch.compile and a
 CUDA graph.
@@ -15,13 +15,13 @@ import torch
 
 import gpt2fast
 from gpt2fast import ops
-from gpt2fast.ops import cuda_backend as cb
+from gpt2fast.ops import native_backend as nb
 from conftest import CUDA, assert_close, fallback_records, randn
 from test_ops_attention import kv_cache, naive_causal_attention, naive_decode_attention, qkv
 from test_triton_causal_attention import naive_lse
 
-REASON = ops.backends()["cuda"].unavailable_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cuda backend unavailable: {REASON}")
+REASON = ops.backends()["native"].unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native backend unavailable: {REASON}")
 DEVICE = "cuda" if CUDA else "cpu"
 
 
@@ -55,11 +55,11 @@ CAUSAL_REFUSALS = {
 def test_causal_attention_refusals_get_the_reference_and_one_log_line(
         case, fresh_log, monkeypatch, caplog):
     changes, reason = CAUSAL_REFUSALS[case]
-    impl = ops.backends()["cuda"].impls["causal_attention"]
+    impl = ops.backends()["native"].impls["causal_attention"]
     monkeypatch.setattr(impl, "fn", lambda *a: pytest.fail("the kernel ran on an input it refuses"))
     q, k, v = qkv((2, 2, 9, changes.get("D", 64)), changes.get("dtype", torch.float32), changes.get("device", DEVICE),
                   requires_grad=changes.get("requires_grad", False))
-    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("cuda"):
+    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("native"):
         for _ in range(2):
             assert_close(ops.causal_attention(q, k, v).detach(), naive_causal_attention(q, k, v))
     records = fallback_records(caplog)
@@ -79,13 +79,13 @@ DECODE_REFUSALS = {
 def test_decode_attention_refusals_get_the_reference_and_one_log_line(
         case, fresh_log, monkeypatch, caplog):
     changes, reason = DECODE_REFUSALS[case]
-    impl = ops.backends()["cuda"].impls["decode_attention"]
+    impl = ops.backends()["native"].impls["decode_attention"]
     monkeypatch.setattr(impl, "fn", lambda *a: pytest.fail("the kernel ran on an input it refuses"))
     Tq = changes.get("Tq", 1)
     q, k, v, lengths = decode_case(2, 1, 20, changes.get("D", 32), [Tq, 20], Tq, changes.get("dtype", torch.float32),
                                    changes.get("device", DEVICE))
     q.requires_grad_(changes.get("requires_grad", False))
-    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("cuda"):
+    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("native"):
         for _ in range(2):
             assert_close(ops.decode_attention(q, k, v, lengths).detach(), naive_decode_attention(q, k, v, lengths))
     records = fallback_records(caplog)
@@ -96,23 +96,23 @@ def test_decode_attention_refusals_get_the_reference_and_one_log_line(
 def test_a_build_without_the_operator_is_refused_by_name(op, monkeypatch):
     """An extension built before the op existed loads (the probe registers only the fakes of operators it
     defines), and the backend names the missing operator instead of failing."""
-    monkeypatch.setattr(cb, "_has_kernel", lambda name, device_type: name != f"{op}_cuda")
+    monkeypatch.setattr(nb, "_has_kernel", lambda name, device_type: name != f"{op}_native")
     q = types.SimpleNamespace(shape=(1, 1, 1, 64), dtype=torch.float32, device=torch.device("cuda"),
                               requires_grad=False)  # a stand-in CUDA tensor: no GPU needed to ask
     args = (q, q, q) if op == "causal_attention" else (q, q, q, None)
-    reason = ops.backends()["cuda"].impls[op].supports(*args)
-    assert f"gpt2fast._C has no cuda kernel of {op}_cuda" in reason and "--no-build-isolation" in reason
+    reason = ops.backends()["native"].impls[op].supports(*args)
+    assert f"gpt2fast._C has no cuda kernel of {op}_native" in reason and "--no-build-isolation" in reason
 
 
 def test_fake_functions_give_the_outputs_shapes():
     """What torch.compile traces with: on meta tensors the operators run their fakes."""
     q = torch.empty(2, 3, 17, 64, device="meta", dtype=torch.bfloat16)
-    out, lse = operator("causal_attention_cuda")(q, q, q)
+    out, lse = operator("causal_attention_native")(q, q, q)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == (2, 3, 17) and lse.dtype == torch.float32
     cache = torch.empty(2, 3, 40, 64, device="meta", dtype=torch.bfloat16)
     lengths = torch.empty(2, device="meta", dtype=torch.int32)
-    out = operator("decode_attention_cuda")(q[:, :, :3], cache, cache, lengths)
+    out = operator("decode_attention_native")(q[:, :, :3], cache, cache, lengths)
     assert out.shape == (2, 3, 3, 64) and out.dtype == torch.bfloat16
 
 
@@ -120,9 +120,9 @@ def test_the_operators_have_no_cpu_kernel():
     """CPU tensors never reach them: the backend refuses those (above)."""
     q = torch.zeros(1, 1, 4, 64)
     with pytest.raises(NotImplementedError):
-        operator("causal_attention_cuda")(q, q, q)
+        operator("causal_attention_native")(q, q, q)
     with pytest.raises(NotImplementedError):
-        operator("decode_attention_cuda")(q[:, :, :1], q, q, torch.tensor([4]))
+        operator("decode_attention_native")(q[:, :, :1], q, q, torch.tensor([4]))
 
 
 # ---- the operators on a GPU ----
@@ -132,7 +132,7 @@ def test_the_operators_have_no_cpu_kernel():
 @pytest.mark.parametrize("shape", [(4, 12, 1024, 64), (1, 25, 1024, 64), (2, 4, 512, 128), (3, 2, 77, 32)], ids=str)
 def test_causal_attention_gpt2_shapes(dtype, shape):
     q, k, v = qkv(shape, dtype, "cuda", seed=1)
-    out, lse = operator("causal_attention_cuda")(q, k, v)
+    out, lse = operator("causal_attention_native")(q, k, v)
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == shape[:-1]
     assert_close(out, naive_causal_attention(q, k, v))  # NaN anywhere (an element left unwritten) fails here
     assert_close(lse, naive_lse(q, k), torch.float32, scale=2)
@@ -144,12 +144,12 @@ def test_causal_attention_on_the_models_layout(dtype):
     them; and a head dim that is not unit-stride (copied by the binding)."""
     B, T, H, D = 2, 200, 12, 64
     q, k, v = randn(B, T, 3, H, D, dtype=dtype, device="cuda", seed=2).permute(2, 0, 3, 1, 4)
-    out, lse = operator("causal_attention_cuda")(q, k, v)
+    out, lse = operator("causal_attention_native")(q, k, v)
     assert_close(out, naive_causal_attention(q, k, v))
     assert_close(lse, naive_lse(q, k), torch.float32, scale=2)
     q_t, k_t, v_t = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v))
     assert q_t.stride(-1) != 1
-    torch.testing.assert_close(operator("causal_attention_cuda")(q_t, k_t, v_t)[0], out, rtol=0, atol=0)
+    torch.testing.assert_close(operator("causal_attention_native")(q_t, k_t, v_t)[0], out, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
@@ -159,7 +159,7 @@ def test_decode_attention_gpt2_shapes(dtype, Tq, lengths_dtype):
     B, H, S, D = 8, 12, 1024, 64
     lengths = torch.randint(Tq, S + 1, (B,), generator=torch.Generator().manual_seed(0)).tolist()
     q, k, v, lengths_t = decode_case(B, H, S, D, lengths, Tq, dtype, "cuda", lengths_dtype, seed=3)
-    out = operator("decode_attention_cuda")(q, k, v, lengths_t)
+    out = operator("decode_attention_native")(q, k, v, lengths_t)
     assert out.dtype == dtype and out.shape == (B, H, Tq, D)
     assert_close(out, naive_decode_attention(q, k, v, lengths_t))
 
@@ -179,7 +179,7 @@ DECODE_CASES = [
 def test_decode_attention_chunk_edges(dtype, case):
     B, H, S, D, lengths, Tq = case
     q, k, v, lengths_t = decode_case(B, H, S, D, lengths, Tq, dtype, "cuda", seed=4)
-    assert_close(operator("decode_attention_cuda")(q, k, v, lengths_t), naive_decode_attention(q, k, v, lengths_t))
+    assert_close(operator("decode_attention_native")(q, k, v, lengths_t), naive_decode_attention(q, k, v, lengths_t))
 
 
 @pytest.mark.gpu
@@ -192,7 +192,7 @@ def test_decode_attention_on_a_token_major_cache():
     k, v = k.transpose(1, 2), v.transpose(1, 2)
     q = randn(B, 2, H, D, device="cuda", seed=7, scale=2.0).transpose(1, 2)
     lengths_t = torch.tensor(lengths, device="cuda")
-    assert_close(operator("decode_attention_cuda")(q, k, v, lengths_t), naive_decode_attention(q, k, v, lengths_t))
+    assert_close(operator("decode_attention_native")(q, k, v, lengths_t), naive_decode_attention(q, k, v, lengths_t))
 
 
 @pytest.mark.gpu
@@ -201,7 +201,7 @@ def test_decode_attention_replays_from_a_cuda_graph():
     B, H, S, D = 4, 12, 512, 64
     q, k, v, lengths = decode_case(B, H, S, D, [S] * B, 1, torch.bfloat16, "cuda", seed=8)
     k, v = k.nan_to_num(), v.nan_to_num()
-    op = operator("decode_attention_cuda")
+    op = operator("decode_attention_native")
     op(q, k, v, lengths)  # warm-up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -215,19 +215,19 @@ def test_decode_attention_replays_from_a_cuda_graph():
 @pytest.mark.gpu
 def test_operators_pass_opcheck():
     q, k, v = qkv((2, 3, 70, 64), torch.bfloat16, "cuda", seed=9)
-    torch.library.opcheck(operator("causal_attention_cuda").default, (q, k, v))
+    torch.library.opcheck(operator("causal_attention_native").default, (q, k, v))
     q, k, v, lengths = decode_case(2, 3, 90, 64, [5, 90], 3, torch.bfloat16, "cuda", seed=10)
     k, v = k.nan_to_num(), v.nan_to_num()  # opcheck compares inputs before and after, and NaN never equals NaN
-    torch.library.opcheck(operator("decode_attention_cuda").default, (q, k, v, lengths))
+    torch.library.opcheck(operator("decode_attention_native").default, (q, k, v, lengths))
 
 
 @pytest.mark.gpu
 def test_torch_compile_fullgraph_traces_the_backend():
-    operator("causal_attention_cuda")
-    operator("decode_attention_cuda")
+    operator("causal_attention_native")
+    operator("decode_attention_native")
     q, k, v = (t.transpose(1, 2) for t in qkv((2, 50, 3, 64), torch.bfloat16, "cuda", seed=11))
-    torch.testing.assert_close(torch.compile(cb.causal_attention, fullgraph=True)(q, k, v),
-                               cb.causal_attention(q, k, v))
+    torch.testing.assert_close(torch.compile(nb.causal_attention, fullgraph=True)(q, k, v),
+                               nb.causal_attention(q, k, v))
     q, k, v, lengths = decode_case(2, 3, 90, 64, [5, 90], 1, torch.bfloat16, "cuda", seed=12)
-    torch.testing.assert_close(torch.compile(cb.decode_attention, fullgraph=True)(q, k, v, lengths),
-                               cb.decode_attention(q, k, v, lengths))
+    torch.testing.assert_close(torch.compile(nb.decode_attention, fullgraph=True)(q, k, v, lengths),
+                               nb.decode_attention(q, k, v, lengths))
