@@ -9,7 +9,7 @@ import torch
 import gpt2fast
 from gpt2fast import ops
 from gpt2fast.ops import registry, torch_cpu_backend
-from gpt2fast.ops.torch_cpu_backend import SPLIT_K_MAX_ROWS
+from gpt2fast.ops.torch_cpu_backend import SPLIT_K_MAX_ROWS, SPLIT_K_MIN_ROWS
 from conftest import assert_close, randn
 
 
@@ -97,7 +97,10 @@ def _runs_on_torch_cpu(op: str, *args) -> bool:
 def test_torch_cpu_takes_the_rows_of_a_decode_step_only():
     w, e = randn(64, 16), randn(50, 64)
     assert _runs_on_torch_cpu("linear", randn(SPLIT_K_MAX_ROWS, 64), w)
+    assert _runs_on_torch_cpu("linear", randn(SPLIT_K_MIN_ROWS, 64), w)
     assert not _runs_on_torch_cpu("linear", randn(SPLIT_K_MAX_ROWS + 1, 64), w)
+    assert not _runs_on_torch_cpu("linear", randn(SPLIT_K_MIN_ROWS - 1, 64), w)
+    assert not _runs_on_torch_cpu("lm_head", randn(SPLIT_K_MIN_ROWS - 1, 64), e)
     assert _runs_on_torch_cpu("lm_head", randn(2, 64), e)
     assert not _runs_on_torch_cpu("lm_head", randn(2, 64), e.requires_grad_())  # training uses the weight itself
     with torch.no_grad():
@@ -108,8 +111,10 @@ def test_torch_cpu_takes_the_rows_of_a_decode_step_only():
 
 
 def _logits(x, w):
-    with gpt2fast.use_backend("torch_cpu"), torch.no_grad():
-        return ops.lm_head(x, w)
+    with torch.no_grad():
+        assert _runs_on_torch_cpu("lm_head", x, w)  # through the copy
+        with gpt2fast.use_backend("torch_cpu"):
+            return ops.lm_head(x, w)
 
 
 def _expected(x, w):
@@ -117,7 +122,7 @@ def _expected(x, w):
 
 
 def test_lm_head_copy_follows_in_place_writes():
-    x, w = randn(1, 32, seed=15), randn(40, 32, seed=16)
+    x, w = randn(2, 32, seed=15), randn(40, 32, seed=16)
     assert_close(_logits(x, w), _expected(x, w))
     with torch.no_grad():
         w.mul_(-2)
@@ -127,7 +132,7 @@ def test_lm_head_copy_follows_in_place_writes():
 @pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused_adamw"])
 def test_lm_head_copy_follows_optimizer_steps(fused):
     """Fused AdamW on the CPU writes the weights without bumping their version counter."""
-    x = randn(1, 32, seed=17)
+    x = randn(2, 32, seed=17)
     w = torch.nn.Parameter(randn(40, 32, seed=18))
     optimizer = torch.optim.AdamW([w], lr=0.1, fused=fused)
     assert_close(_logits(x, w), _expected(x, w))
@@ -140,7 +145,7 @@ def test_lm_head_copy_follows_optimizer_steps(fused):
 
 def test_lm_head_copy_follows_a_cast_and_back():
     """A module's .to() gives the same Parameter new storage, which may land where the old one was."""
-    x = randn(1, 32, seed=20)
+    x = randn(2, 32, seed=20)
     layer = torch.nn.Embedding(40, 32)
     w = layer.weight
     assert_close(_logits(x, w), _expected(x, w))
@@ -152,14 +157,14 @@ def test_lm_head_copy_follows_a_cast_and_back():
 
 
 def test_lm_head_copy_follows_new_data():
-    x, w = randn(1, 32, seed=21), torch.nn.Parameter(randn(40, 32, seed=22))
+    x, w = randn(2, 32, seed=21), torch.nn.Parameter(randn(40, 32, seed=22))
     assert_close(_logits(x, w), _expected(x, w))
     w.data = randn(40, 32, seed=23)
     assert_close(_logits(x, w), _expected(x, w))
 
 
 def test_lm_head_copy_goes_with_its_weight():
-    x, w = randn(1, 32, seed=24), randn(40, 32, seed=25)
+    x, w = randn(2, 32, seed=24), randn(40, 32, seed=25)
     _logits(x, w)
     assert w in torch_cpu_backend._TRANSPOSED
     held = len(torch_cpu_backend._TRANSPOSED)
