@@ -104,7 +104,7 @@ def _transposed(weight: torch.Tensor) -> torch.Tensor:
     storage = weight.untyped_storage()
     key = (storage._cdata, weight.storage_offset(), weight.shape, weight.dtype, weight._version)
     held = _TRANSPOSED.get(weight)
-    if held is None or held[0].expired() or held[1] != key:
+    if held is None or held[1] != key:  # a freed storage cannot match: the weak reference pins its address
         held = (StorageWeakRef(storage), key, weight.detach().t().contiguous())
         _TRANSPOSED[weight] = held
     return held[2]
