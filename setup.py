@@ -56,7 +56,9 @@ def extension():
         return [], {}
     sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
-    cxx = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for is OpenMP inlined into our code, and without it runs on one thread. No libgomp
+    # is linked: its symbols resolve to the one torch loads globally, so one thread pool serves both.
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
     if torch.version.cuda and CUDA_HOME and cuda_sources:
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
                 *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS)]

@@ -76,6 +76,7 @@ class Case:
     label: str
     args: tuple  # the op's arguments; tensors that need gradients require grad
     grads: bool  # compare the gradients of the inputs that require grad too
+    stored: tuple[int, ...] = ()  # arguments the oracle takes as they are (quantized weights and their scales)
 
 
 def randn(*shape, dtype, device, scale=1.0, shift=0.0, grad=False):
@@ -106,6 +107,13 @@ def cases(shapes: str, dtype: torch.dtype, device: str) -> list[Case]:
                 randn(3 * C, **r, grad=True)), True))
             out.append(Case("lm_head", f"{tag} V{z.vocab}", (
                 randn(B, T, C, **r, grad=True), randn(z.vocab, C, **r, scale=C ** -0.5, grad=True)), True))
+            # Weight-only int8 (per output channel) and bf16, activations in the run's dtype: inference only.
+            int8 = torch.randint(-127, 128, (3 * C, C), dtype=torch.int8, device=device)
+            scale = torch.rand(3 * C, device=device) / (127 * C ** 0.5) + 1e-4
+            bf16 = randn(3 * C, C, dtype=torch.bfloat16, device=device, scale=C ** -0.5)
+            for weights, (w, s) in (("int8", (int8, scale)), ("bf16", (bf16, None))):
+                out.append(Case("quantized_linear", f"{tag} {weights} {C}->{3 * C}", (
+                    randn(B, T, C, **r), w, s, randn(3 * C, **r)), False, stored=(1, 2)))
             rows = B * T
             targets = torch.randint(0, z.vocab, (rows,), device=device)
             targets[::7] = -100
@@ -125,10 +133,12 @@ def cases(shapes: str, dtype: torch.dtype, device: str) -> list[Case]:
     return out
 
 
-def fp64(args: tuple) -> tuple:
-    """The arguments in fp64, detached, requiring grad where they did (the reference's inputs)."""
-    return tuple(a.detach().double().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point()
-                 else a.clone() if torch.is_tensor(a) else a for a in args)
+def fp64(args: tuple, stored: tuple[int, ...] = ()) -> tuple:
+    """The arguments in fp64, detached, requiring grad where they did (the reference's inputs), but for those
+    whose dtype is their format (stored)."""
+    return tuple(a.detach().double().requires_grad_(a.requires_grad)
+                 if torch.is_tensor(a) and a.is_floating_point() and i not in stored
+                 else a.clone() if torch.is_tensor(a) else a for i, a in enumerate(args))
 
 
 def detached(args: tuple) -> tuple:
@@ -232,7 +242,7 @@ def _check(shapes: str, device: str, dtypes: list[torch.dtype], backends: list[s
                             got = run_op(case.op, fresh(args), grads)
                             if (case.op, grads) not in want:
                                 with gpt2fast.use_backend("torch"):
-                                    want[case.op, grads] = run_op(case.op, fp64(args), grads)
+                                    want[case.op, grads] = run_op(case.op, fp64(args, case.stored), grads)
                             err, failure = compare(got, want[case.op, grads], tolerance)
                 except Exception as e:  # a crash is an answer too: record it and go on
                     rows.append(row | dict(status="error", detail=f"{type(e).__name__}: {str(e)[:300]}"))

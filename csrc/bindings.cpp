@@ -546,6 +546,89 @@ TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
 
 TORCH_LIBRARY_IMPL(gpt2fast, CPU, m) { m.impl("sample_native", &sample_cpu); }
 
+namespace {
+
+// ---- quantized_linear ----
+
+gpt2fast::WeightType weight_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kChar: return gpt2fast::WeightType::Int8;
+    case at::kBFloat16: return gpt2fast::WeightType::BFloat16;
+    case at::kFloat: return gpt2fast::WeightType::Float32;
+    default: TORCH_CHECK(false, "quantized_linear: weight must be int8, bfloat16 or float32, got ", dtype);
+  }
+}
+
+const char* const kIsaNames[] = {"portable", "avx2", "avx512"};  // by gpt2fast::CpuIsa
+
+gpt2fast::CpuIsa cpu_isa(const std::string& name) {
+  const auto best = gpt2fast::quantized_linear_cpu_best_isa();
+  if (name.empty()) return best;
+  for (int i = 0; i <= static_cast<int>(best); ++i) {
+    if (name == kIsaNames[i]) return static_cast<gpt2fast::CpuIsa>(i);
+  }
+  TORCH_CHECK(false, "quantized_linear: isa must be one this CPU runs (up to ", kIsaNames[static_cast<int>(best)],
+              "), got '", name, "'");
+}
+
+void quantized_linear_out_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& bias, at::Tensor& out, const std::string& isa) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1, "quantized_linear: x must be float32 [..., in], got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(-1), "quantized_linear: weight must be [out, ",
+              x.size(-1), "], got ", weight.sizes());
+  const gpt2fast::WeightType type = weight_type(weight.scalar_type());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  for (const auto* t : {&scale, &bias}) {
+    TORCH_CHECK(!t->has_value() || ((*t)->scalar_type() == at::kFloat && (*t)->dim() == 1 && (*t)->size(0) == N),
+                "quantized_linear: scale and bias must be float32 [", N, "]");
+  }
+  TORCH_CHECK(type != gpt2fast::WeightType::Int8 || scale.has_value(), "quantized_linear: int8 weights need a scale");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.sizes() == at::IntArrayRef(shape) && out.is_contiguous(),
+              "quantized_linear: out must be a contiguous float32 tensor of shape ", at::IntArrayRef(shape), ", got ",
+              out.scalar_type(), " ", out.sizes());
+  const gpt2fast::CpuIsa chosen = cpu_isa(isa);
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous(), w = weight.contiguous();
+  const at::Tensor s = scale.has_value() ? scale->contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int64_t M = x2.size(0);
+  // Each thread streams its own contiguous share of the weight rows, 64 at a time at least.
+  constexpr int64_t rows_per_task = 64;
+  at::parallel_for(0, (N + rows_per_task - 1) / rows_per_task, 1, [&](int64_t begin, int64_t end) {
+    gpt2fast::quantized_linear_cpu(x2.data_ptr<float>(), M, K, w.data_ptr(), type,
+                                   s.defined() ? s.data_ptr<float>() : nullptr,
+                                   b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(), N,
+                                   begin * rows_per_task, std::min(N, end * rows_per_task), chosen);
+  });
+}
+
+at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                                const std::optional<at::Tensor>& bias) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  TORCH_CHECK(!shape.empty() && weight.dim() == 2, "quantized_linear: x must be [..., in] and weight [out, in], got ",
+              x.sizes(), " and ", weight.sizes());
+  shape.back() = weight.size(0);
+  at::Tensor out = at::empty(shape, x.options());
+  quantized_linear_out_cpu(x, weight, scale, bias, out, "");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
+  m.def("quantized_linear_native(Tensor x, Tensor weight, Tensor? scale, Tensor? bias) -> Tensor");
+  // The same into `out`, with the vector instructions named ("": the widest this CPU runs): for the tests.
+  m.def("quantized_linear_out_native(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor(a!) out, "
+        "str isa) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(gpt2fast, CPU, m) {
+  m.impl("quantized_linear_native", &quantized_linear_cpu);
+  m.impl("quantized_linear_out_native", &quantized_linear_out_cpu);
+}
+
 #ifdef GPT2FAST_CUDA
 namespace {
 
@@ -612,4 +695,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     limits["decode_attention_max_queries"] = gpt2fast::decode_attention_max_queries;
     return limits;
   }, "The kernels' limits, by their names in csrc/gpt2fast.h.");
+  m.def("quantized_linear_isas", [] {
+    std::vector<std::string> isas;
+    for (int i = 0; i <= static_cast<int>(gpt2fast::quantized_linear_cpu_best_isa()); ++i) isas.push_back(kIsaNames[i]);
+    return isas;
+  }, "The vector instructions the CPU quantized_linear kernel can run with here, the widest (its choice) last.");
 }

@@ -29,6 +29,21 @@ inline constexpr int64_t decode_attention_max_queries = 16;
 int64_t sample_row_cpu(const float* logits, int64_t vocab, float temperature, int64_t top_k, float top_p,
                        uint64_t seed, uint64_t stream);
 
+// ---- quantized_linear (CPU): weight-only quantized matmul ----
+
+enum class WeightType : int32_t { Float32 = 0, Int8 = 1, BFloat16 = 2 };
+// The builds of the kernel, by vector instructions: quantized_linear_cpu_best_isa() is the widest this CPU runs.
+enum class CpuIsa : int32_t { Portable = 0, Avx2 = 1, Avx512 = 2 };
+
+// y[m, n] = (x[m] . w[n]) * scale[n] + bias[n] for m < M and n_begin <= n < n_end, summed in fp32: x fp32
+// [M, K] dense; w [N, K] dense, one output channel per row, of `type`; scale and bias fp32 [N], or null
+// (1 and 0); y fp32 [M, N] dense. Threads take disjoint ranges of n. isa must be one this CPU runs.
+void quantized_linear_cpu(const float* x, int64_t M, int64_t K, const void* w, WeightType type,
+                          const float* scale, const float* bias, float* y, int64_t N, int64_t n_begin,
+                          int64_t n_end, CpuIsa isa);
+
+CpuIsa quantized_linear_cpu_best_isa();
+
 }  // namespace gpt2fast
 
 #ifdef GPT2FAST_CUDA

@@ -42,7 +42,8 @@ def warm_up(self, *args, grid, warmup, **kwargs):
                          num_warps=kernel.metadata.num_warps, cubin=len(kernel.asm["cubin"])))
 JITFunction.run = warm_up
 
-from gpt2fast.kernels import bias_gelu, causal_attention, cross_entropy, decode_attention, gelu_mlp, layer_norm, sample
+from gpt2fast.kernels import (bias_gelu, causal_attention, cross_entropy, decode_attention, gelu_mlp, layer_norm,
+                              quantized_linear, sample)
 from gpt2fast.kernels.target import H100
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     r = lambda *shape: torch.randn(*shape).to(dtype)
@@ -71,6 +72,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     targets, scale = torch.tensor([3, -100, 50256, 0]), torch.ones(1)
     cross_entropy.cross_entropy_rows(r(4, 50257), targets, scale, -100, True)
     cross_entropy.cross_entropy_rows(r(4, 50257), targets, scale, -100, False)
+    int8 = torch.randint(-127, 128, (2304, 768), dtype=torch.int8)
+    for rows in (1, 77):
+        quantized_linear.quantized_linear_forward(r(rows, 768), int8, torch.rand(2304), r(2304))
+        quantized_linear.quantized_linear_forward(r(rows, 768), torch.randn(2304, 768).bfloat16(), None, None)
 json.dump(compiled, sys.stdout)
 """
 
@@ -92,7 +97,7 @@ def jit_kernels(module_name):
 
 
 @pytest.mark.parametrize("module", ["layer_norm", "bias_gelu", "gelu_mlp", "causal_attention", "decode_attention",
-                                    "sample", "cross_entropy"])
+                                    "sample", "cross_entropy", "quantized_linear"])
 def test_every_kernel_compiles_for_sm90_within_shared_memory(compiled, module):
     kernels = jit_kernels(module)
     assert kernels, f"no kernels found in gpt2fast.kernels.{module}"

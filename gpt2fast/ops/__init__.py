@@ -33,7 +33,7 @@ select_from_environment()  # GPT2FAST_BACKEND, now that the built-in backends ar
 __all__ = [
     "OPS", "backends", "get_backend", "register", "register_backend", "set_backend", "use_backend",
     "layer_norm", "causal_attention", "decode_attention", "gelu_mlp", "bias_gelu", "sample", "linear",
-    "lm_head", "linear_cross_entropy", "check_token_ids",
+    "lm_head", "quantized_linear", "linear_cross_entropy", "check_token_ids",
 ]
 
 
@@ -185,6 +185,41 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                          f"{tuple(weight.shape)}")
     _shape("lm_head", "weight", weight, (weight.shape[0], x.shape[-1]))
     return _dispatch("lm_head", x.device, x, weight)
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ (weight * scale[:, None]).T + bias with weights stored in low precision, computed in fp32.
+
+    weight [out, in]: int8 (symmetric, one fp32 scale per output channel, `scale` [out] required) or bfloat16
+    (`scale` optional). x [..., in] floating point, bias [out] in x's dtype or None. Activations and
+    accumulation stay in fp32 (fp64 for fp64 x); the result is [..., out] in x's dtype.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"quantized_linear: x must be a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if weight.dtype not in reference.QUANTIZED_WEIGHT_DTYPES:
+        raise TypeError(f"quantized_linear: weight must be int8 or bfloat16, got {weight.dtype}")
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"quantized_linear: x must be [..., in] and weight [out, in], got shapes "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    _shape("quantized_linear", "weight", weight, (weight.shape[0], x.shape[-1]))
+    if weight.dtype == torch.int8 and scale is None:
+        raise ValueError("quantized_linear: int8 weights need their scale [out]")
+    tensors = dict(x=x, weight=weight) | ({} if scale is None else dict(scale=scale)) | (
+        {} if bias is None else dict(bias=bias))
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"quantized_linear: {name} is on {t.device} but x is on {x.device}")
+    if scale is not None:
+        if scale.dtype != torch.float32:
+            raise TypeError(f"quantized_linear: scale must be float32, got {scale.dtype}")
+        _shape("quantized_linear", "scale", scale, (weight.shape[0],))
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            raise TypeError(f"quantized_linear: bias is {bias.dtype} but x is {x.dtype}")
+        _shape("quantized_linear", "bias", bias, (weight.shape[0],))
+    return _dispatch("quantized_linear", x.device, x, weight, scale, bias)
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:

@@ -41,10 +41,12 @@ def _probe() -> Optional[str]:
     DECODE_MAX_QUERIES = limits["decode_attention_max_queries"]
     _find_kernels()
     _register_python_parts()
+    if hasattr(_C, "quantized_linear_isas"):  # the CPU matmul's build this CPU runs, for `gpt2fast backends`
+        BACKEND.description += f"; the CPU quantized_linear runs its {_C.quantized_linear_isas()[-1]} build"
     return None
 
 
-register_backend(NAME, "C++ and CUDA kernels (csrc/, gpt2fast._C)", _probe)
+BACKEND = register_backend(NAME, "C++ and CUDA kernels (csrc/, gpt2fast._C)", _probe)
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 # (op, device type) -> whether the loaded extension has that kernel; filled by the probe, so that the
@@ -94,6 +96,8 @@ def _register_python_parts() -> None:
         "decode_attention_native": lambda q, k_cache, v_cache, lengths: q.new_empty(q.shape),
         "decode_attention_append_native": lambda q, k_cache, v_cache, lengths, k_new, v_new: q.new_empty(q.shape),
         "sample_native": lambda logits, *params: logits.new_empty(logits.shape[0], dtype=torch.int64),
+        "quantized_linear_native": lambda x, weight, scale, bias: x.new_empty(*x.shape[:-1], weight.shape[0]),
+        "quantized_linear_out_native": lambda x, weight, scale, bias, out, isa: None,
     }
     for op, fake in fakes.items():
         if hasattr(ops, op):
@@ -193,6 +197,29 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     seed = torch.randint(0, 2**62, (1,), generator=generator, device=logits.device)
     return torch.ops.gpt2fast.sample_native(logits, float(temperature), top_k or 0,
                                             1.0 if top_p is None else float(top_p), seed)
+
+
+# ---- quantized_linear (no autograd: inference) ----
+
+
+# The CPU kernel's rows: a decode step's. It converts each weight in registers once per tile of rows, which
+# pays while reading the weights is the cost (1.4x the reference at 64 rows, 2.6x at 16); for a prefill's
+# hundreds of rows the reference's dequantize-then-matmul (BLAS) is faster.
+QUANTIZED_MAX_ROWS = 64
+
+
+def _quantized_linear_supports(x, weight, scale=None, bias=None) -> Optional[str]:
+    if x.dtype != torch.float32:
+        return f"x of dtype {x.dtype} (the CPU kernel takes float32 activations)"
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > QUANTIZED_MAX_ROWS:
+        return f"{rows} rows (the CPU kernel is for a decode step's, up to {QUANTIZED_MAX_ROWS}; BLAS is faster past)"
+    return _refusal("quantized_linear_native", x, x, *(t for t in (scale, bias) if t is not None))
+
+
+@register("quantized_linear", NAME, supports=_quantized_linear_supports)
+def quantized_linear(x, weight, scale=None, bias=None):
+    return torch.ops.gpt2fast.quantized_linear_native(x, weight, scale, bias)
 
 
 # ---- linear_cross_entropy: ATen's matmuls, a chunk of rows at a time, around the CUDA row kernel ----

@@ -93,6 +93,18 @@ def lm_head(x, weight):
     return F.linear(x, weight)
 
 
+QUANTIZED_WEIGHT_DTYPES = (torch.int8, torch.bfloat16)
+
+
+@register("quantized_linear", REFERENCE)
+def quantized_linear(x, weight, scale=None, bias=None):
+    """Dequantize, then matmul, in fp32 (fp64 for fp64 x): x @ (weight * scale[:, None]).T + bias."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    w = weight.to(compute) if scale is None else weight.to(compute) * scale.to(compute)[:, None]
+    y = F.linear(x.to(compute), w, None if bias is None else bias.to(compute))
+    return y.to(x.dtype)
+
+
 # ---- sampling: HF's logits warpers (temperature, then top-k, then top-p), then one draw ----
 
 

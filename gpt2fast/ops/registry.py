@@ -29,7 +29,7 @@ import torch
 log = logging.getLogger("gpt2fast")
 
 OPS = ("layer_norm", "causal_attention", "decode_attention", "gelu_mlp", "bias_gelu", "sample", "linear_cross_entropy",
-       "linear", "lm_head")
+       "linear", "lm_head", "quantized_linear")
 REFERENCE = "torch"
 AUTO = "auto"
 # Old names that still select a backend, for one release, with a deprecation warning: old name -> new name.

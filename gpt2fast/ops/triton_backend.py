@@ -311,3 +311,30 @@ def linear_cross_entropy(x, weight, targets, ignore_index=-100, reduction="mean"
     grads = torch.is_grad_enabled()
     return linear_cross_entropy_op(x, weight, targets, ignore_index, reduction == "mean",
                                    grads and x.requires_grad, grads and weight.requires_grad)[0]
+
+
+# ---- quantized_linear (inference only: no autograd) ----
+
+
+@torch.library.custom_op("gpt2fast::quantized_linear_triton", mutates_args=())
+def quantized_linear_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    return _kernels("quantized_linear").quantized_linear_forward(x, weight, scale, bias)
+
+
+@quantized_linear_op.register_fake
+def _(x, weight, scale, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _quantized_linear_supports(x, weight, scale=None, bias=None) -> Optional[str]:
+    if x.shape[-1] == 0:
+        return "width 0"
+    tensors = (x, weight) + tuple(t for t in (scale, bias) if t is not None)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "inputs that require grad (the kernel has no backward: quantized weights are for inference)"
+    return _device_and_dtype(x)
+
+
+@register("quantized_linear", NAME, supports=_quantized_linear_supports)
+def quantized_linear(x, weight, scale=None, bias=None):
+    return quantized_linear_op(x, weight, scale, bias)

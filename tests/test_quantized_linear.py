@@ -1,0 +1,135 @@
+"""ops.quantized_linear (x @ (weight * scale[:, None]).T + bias, weights stored int8 or bf16) on every backend
+against fp64 math on the dequantized weights; the C++ CPU kernel in each of its builds (AVX-512, AVX2, portable)
+that this CPU runs, writing into a poisoned output; the checks of the op's inputs.
+
+tests/test_triton_quantized_linear.py has the Triton kernel's own cases."""
+import logging
+
+import pytest
+import torch
+
+import gpt2fast
+from gpt2fast import ops
+from conftest import assert_close, fallback_records, randn
+
+NATIVE = ops.backends()["native"].unavailable_reason() is None
+
+
+def int8_weight(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, generator=g) + 0.5) / (127 * k ** 0.5)  # outputs of O(1) for x of O(1)
+    return q, scale
+
+
+def bf16_weight(n, k, seed, with_scale):
+    w = randn(n, k, seed=seed, scale=k ** -0.5).to(torch.bfloat16)
+    return w, (randn(n, seed=seed + 1).abs() + 0.5) if with_scale else None
+
+
+WEIGHTS = {
+    "int8": lambda n, k, seed: int8_weight(n, k, seed),
+    "bf16": lambda n, k, seed: bf16_weight(n, k, seed, with_scale=False),
+    "bf16_scaled": lambda n, k, seed: bf16_weight(n, k, seed, with_scale=True),
+}
+
+
+def expected(x, weight, scale, bias):
+    w = weight.double() if scale is None else weight.double() * scale.double()[:, None]
+    y = x.double() @ w.T
+    return y if bias is None else y + bias.double()
+
+
+# (x shape, out features): one row (decode) to many; widths 77 (no full vector), 768, 1600 (gpt2-xl)
+SHAPES = [((1, 768), 33), ((3, 77), 130), ((16, 1600), 37), ((65, 768), 9), ((2, 5, 96), 64), ((1, 1, 1600), 4)]
+
+
+@pytest.mark.parametrize("shape,n", SHAPES, ids=str)
+@pytest.mark.parametrize("scheme", WEIGHTS)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_matches_fp64_on_every_backend(backend, shape, n, scheme, with_bias):
+    x = randn(*shape, seed=1)
+    weight, scale = WEIGHTS[scheme](n, shape[-1], 2)
+    bias = randn(n, seed=3) if with_bias else None
+    with gpt2fast.use_backend(backend):
+        y = ops.quantized_linear(x, weight, scale, bias)
+    assert y.shape == (*shape[:-1], n) and y.dtype == torch.float32
+    assert_close(y, expected(x, weight, scale, bias), scale=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_other_activation_dtypes_compute_in_fp32_or_better(backend, dtype):
+    x = randn(4, 96, seed=4, dtype=dtype)
+    weight, scale = int8_weight(20, 96, 5)
+    bias = randn(20, seed=6, dtype=dtype)
+    with gpt2fast.use_backend(backend):
+        y = ops.quantized_linear(x, weight, scale, bias)
+    assert y.dtype == dtype
+    assert_close(y, expected(x, weight, scale, bias), scale=2)
+
+
+def isas():
+    if not NATIVE:
+        return []
+    from gpt2fast import _C
+    return _C.quantized_linear_isas()
+
+
+@pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("scheme", WEIGHTS)
+@pytest.mark.parametrize("shape,n", [((1, 768), 2304), ((7, 77), 67), ((13, 1600), 20)], ids=str)
+def test_every_cpu_build_writes_every_output(shape, n, scheme, threads):
+    """Each build this CPU runs, the output poisoned with NaN first; rows shared among 1 to 3 threads."""
+    x = randn(*shape, seed=7)
+    weight, scale = WEIGHTS[scheme](n, shape[-1], 8)
+    bias = randn(n, seed=9)
+    want = expected(x, weight, scale, bias)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for isa in isas():
+            out = torch.full((*shape[:-1], n), float("nan"))
+            torch.ops.gpt2fast.quantized_linear_out_native(x, weight, scale, bias, out, isa)
+            assert_close(out, want, scale=2, msg=lambda m, isa=isa: f"{isa}: {m}")
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
+def test_the_cpu_kernel_refuses_a_build_this_cpu_lacks():
+    x, (weight, scale) = randn(1, 16), int8_weight(4, 16, 1)
+    with pytest.raises(RuntimeError, match="isa must be one this CPU runs"):
+        torch.ops.gpt2fast.quantized_linear_out_native(x, weight, scale, None, torch.empty(1, 4), "neon")
+
+
+@pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
+def test_auto_runs_the_cpu_kernel_and_falls_back_by_reason(caplog, fresh_log):
+    x, (weight, scale) = randn(2, 32, seed=1), int8_weight(8, 32, 2)
+    assert ops.registry.resolve("quantized_linear", "cpu", (x, weight, scale, None), {}) is \
+        ops.native_backend.quantized_linear
+    with caplog.at_level(logging.INFO, logger="gpt2fast"), gpt2fast.use_backend("native"):
+        y = ops.quantized_linear(x.bfloat16(), weight, scale)  # bf16 activations: the kernel takes fp32 only
+        g = ops.quantized_linear(x.clone().requires_grad_(), weight, scale)  # no backward in the kernel
+    assert_close(y, expected(x.bfloat16(), weight, scale, None), scale=2)
+    g.sum().backward()  # the reference ran, with autograd
+    messages = " ".join(fallback_records(caplog))
+    assert "x of dtype torch.bfloat16" in messages and "require grad" in messages
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, w, s: ops.quantized_linear(x, w.float(), s), TypeError, "weight must be int8 or bfloat16"),
+    (lambda x, w, s: ops.quantized_linear(x, w), ValueError, "int8 weights need their scale"),
+    (lambda x, w, s: ops.quantized_linear(x[:, :10], w, s), ValueError, "weight has shape"),
+    (lambda x, w, s: ops.quantized_linear(x, w, s[:3]), ValueError, "scale has shape"),
+    (lambda x, w, s: ops.quantized_linear(x, w, s.double()), TypeError, "scale must be float32"),
+    (lambda x, w, s: ops.quantized_linear(x, w, s, torch.zeros(8, dtype=torch.float64)), TypeError, "bias is"),
+    (lambda x, w, s: ops.quantized_linear(x, w, s, torch.zeros(7)), ValueError, "bias has shape"),
+    (lambda x, w, s: ops.quantized_linear(x.long(), w, s), TypeError, "x must be a floating-point tensor"),
+    (lambda x, w, s: ops.quantized_linear(x, w, s.to("meta")), ValueError, "scale is on meta"),
+], ids=["fp32 weight", "no scale", "width", "scale shape", "scale dtype", "bias dtype", "bias shape", "int x",
+        "device"])
+def test_bad_inputs_are_refused_by_name(call, error, match):
+    x, (weight, scale) = randn(2, 16), int8_weight(8, 16, 1)
+    with pytest.raises(error, match=match):
+        call(x, weight, scale)
