@@ -15,6 +15,7 @@ import torch
 
 from .config import GPT2Config
 from .model import Transformer
+from .quantize import SCHEMES
 
 log = logging.getLogger("gpt2fast")
 
@@ -23,8 +24,35 @@ log = logging.getLogger("gpt2fast")
 IGNORED = (".attn.bias", ".attn.masked_bias")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 REQUIRED_CONFIG_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
-# Weights in these dtypes are cast to the model's; any other (an integer, a bool, a float8) is refused.
+# Weights in these dtypes are cast to the model's; any other (an integer, a bool, a float8) is refused, but for
+# the int8 weights of gpt2fast's own quantized checkpoints.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# A quantized checkpoint's config.json says so, as transformers' quantized ones do: a loader that does not know
+# the method refuses it by name (transformers: "Unknown quantization type") rather than misreading int8 weights.
+QUANT_METHOD = "gpt2fast"
+
+
+def quantization_from_hf(hf: dict) -> str | None:
+    """The weights' scheme of a gpt2fast-quantized config.json dict (see gpt2fast.quantize), or None if the
+    weights are plain; another quantization method is refused by name."""
+    q = hf.get("quantization_config")
+    if q is None:
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if method != QUANT_METHOD:
+        raise ValueError(f"unsupported GPT-2 config: quantization_config with quant_method {method!r}: gpt2fast reads "
+                         f"plain fp16/bf16/fp32 checkpoints and its own quantized ones (quant_method {QUANT_METHOD!r})")
+    if q.get("weights") not in SCHEMES:
+        raise ValueError(f"unsupported GPT-2 config: quantization_config.weights must be one of {SCHEMES}, "
+                         f"got {q.get('weights')!r}")
+    return q["weights"]
+
+
+def quantization_to_hf(scheme: str) -> dict:
+    return {"quantization_config": {
+        "quant_method": QUANT_METHOD, "weights": scheme,
+        "layout": "every matmul weight [out, in] (the LM head's: wte.weight), int8 with an fp32 scale per output "
+                  "channel (<name>.scale) or bf16; biases, LayerNorms and wpe fp32"}}
 
 
 def config_from_hf(hf: dict) -> GPT2Config:
@@ -82,8 +110,11 @@ def _from_hf_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str
     return incoming
 
 
-def _check_tensors(expected: dict[str, tuple[int, ...]], incoming: dict[str, torch.Tensor], source: str) -> None:
-    """Names every missing, unexpected or mis-shaped tensor, given the expected shape of each."""
+def _check_tensors(expected: dict[str, tuple[int, ...]], incoming: dict[str, torch.Tensor], source: str,
+                   dtypes: dict[str, torch.dtype] | None = None) -> None:
+    """Names every missing, unexpected or mis-shaped tensor, given the expected shape of each, and with the
+    model's dtypes, every integer tensor (quantized weights) not met by one of the same dtype: copying across
+    would convert it."""
     missing = sorted(expected.keys() - incoming.keys())
     unexpected = sorted(incoming.keys() - expected.keys())
     if missing or unexpected:
@@ -92,9 +123,13 @@ def _check_tensors(expected: dict[str, tuple[int, ...]], incoming: dict[str, tor
     for name, tensor in incoming.items():
         if tuple(tensor.shape) != expected[name]:
             raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
+        want = (dtypes or {}).get(name, tensor.dtype)
+        if tensor.dtype != want and not (tensor.is_floating_point() and want.is_floating_point):
+            raise ValueError(f"{source}: tensor {name} is {tensor.dtype}, expected {want} "
+                             f"(quantized weights load only into a model quantized the same way)")
 
 
-def _check_sizes(config: GPT2Config, incoming: dict[str, torch.Tensor], source: str) -> None:
+def _check_sizes(config: GPT2Config, incoming: dict[str, torch.Tensor], source: str, quantized: bool = False) -> None:
     """The config's sizes against the tensors that carry them, before a model of those sizes is built:
     a config.json asking for a million layers or a 10**30-token vocabulary must not hang or overflow."""
     layers = len({name.split(".")[1] for name in incoming if name.startswith("h.")})
@@ -103,11 +138,17 @@ def _check_sizes(config: GPT2Config, incoming: dict[str, torch.Tensor], source: 
                        f"config.json has n_layer={config.n_layer}")
     carriers = {"wte.weight": (config.vocab_size, config.n_embd), "wpe.weight": (config.n_positions, config.n_embd),
                 "h.0.mlp.c_fc.weight": (config.n_embd, config.mlp_width)}
+    if quantized:  # stored [out, in]
+        carriers["h.0.mlp.c_fc.weight"] = (config.mlp_width, config.n_embd)
     _check_tensors(carriers, {name: incoming[name] for name in carriers if name in incoming}, source)
 
 
 def _shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def _dtypes(model: Transformer) -> dict[str, torch.dtype]:
+    return {name: tensor.dtype for name, tensor in model.state_dict().items()}
 
 
 def _copy_into(model: Transformer, incoming: dict[str, torch.Tensor]) -> None:
@@ -144,6 +185,13 @@ def _require_file(path: Path) -> None:
         raise FileNotFoundError(f"{path} does not exist")
     if not path.is_file():
         raise ValueError(f"{path} is not a file")
+
+
+def _read_quantization(path: Path) -> str | None:
+    try:
+        return quantization_from_hf(_read_json_object(path))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _read_config(path: Path) -> GPT2Config:
@@ -185,7 +233,7 @@ def _unpickler_reason(error: pickle.UnpicklingError) -> str:
     return found.group() if found else "an object it does not load"
 
 
-def _read_weight_file(path: Path, parse) -> dict[str, torch.Tensor]:
+def _read_weight_file(path: Path, parse, dtypes=FLOAT_DTYPES) -> dict[str, torch.Tensor]:
     """One weights file, refused unless it maps names to dense floating-point tensors that are all finite."""
     _require_file(path)
     state = parse(path)
@@ -195,22 +243,22 @@ def _read_weight_file(path: Path, parse) -> dict[str, torch.Tensor]:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{path}: entry {name!r} is a {type(tensor).__name__}, not a named tensor")
         if not name.endswith(IGNORED):
-            _check_weight(path, name, tensor)
+            _check_weight(path, name, tensor, dtypes)
     return state
 
 
-def _check_weight(path: Path, name: str, tensor: torch.Tensor) -> None:
+def _check_weight(path: Path, name: str, tensor: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
     if tensor.layout != torch.strided or tensor.device.type != "cpu":
         raise ValueError(f"{path}: tensor {name} is a {tensor.layout} tensor on {tensor.device}, "
                          f"not a dense tensor in memory")
-    if tensor.dtype not in FLOAT_DTYPES:
+    if tensor.dtype not in dtypes:
         raise ValueError(f"{path}: tensor {name} has dtype {tensor.dtype}; weights must be one of "
-                         f"{', '.join(map(str, FLOAT_DTYPES))}")
+                         f"{', '.join(map(str, dtypes))}")
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{path}: tensor {name} holds NaN or infinite values (a damaged file?)")
 
 
-def _read_shards(index: Path, parse) -> dict[str, torch.Tensor]:
+def _read_shards(index: Path, parse, dtypes=FLOAT_DTYPES) -> dict[str, torch.Tensor]:
     weight_map = _read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
@@ -220,7 +268,7 @@ def _read_shards(index: Path, parse) -> dict[str, torch.Tensor]:
         path = index.parent / shard
         if not _inside(index.parent, path):
             raise ValueError(f"{index}: shard {shard!r} lies outside {index.parent}; refused")
-        tensors = _read_weight_file(path, parse)
+        tensors = _read_weight_file(path, parse, dtypes)
         mapped = {name for name, file in weight_map.items() if file == shard}
         # Each shard must hold exactly what the index maps to it: a tensor held twice would otherwise be
         # taken from whichever shard came last.
@@ -239,15 +287,15 @@ def _inside(folder: Path, path: Path) -> bool:
     return any(path.resolve().is_relative_to(r) for r in roots)
 
 
-def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+def _read_weights(folder: Path, dtypes=FLOAT_DTYPES) -> tuple[dict[str, torch.Tensor], Path]:
     """The weights in `folder`, and the file they were found through (a weights file or a shard index)."""
     for name, parse in (("model.safetensors.index.json", _read_safetensors),
                         ("pytorch_model.bin.index.json", _read_bin)):
         if (folder / name).exists():
-            return _read_shards(folder / name, parse), folder / name
+            return _read_shards(folder / name, parse, dtypes), folder / name
     for name, parse in (("model.safetensors", _read_safetensors), ("pytorch_model.bin", _read_bin)):
         if (folder / name).exists():
-            return _read_weight_file(folder / name, parse), folder / name
+            return _read_weight_file(folder / name, parse, dtypes), folder / name
     raise FileNotFoundError(f"{folder} has no GPT-2 weights: expected model.safetensors, a sharded "
                             f"model.safetensors.index.json, or pytorch_model.bin")
 
@@ -278,19 +326,28 @@ def _checkpoint_folder(name_or_path) -> Path:
     return folder
 
 
-def from_pretrained(name_or_path, dtype: torch.dtype | None = None, device=None, *,
+def from_pretrained(name_or_path, dtype: torch.dtype | None = None, device=None, *, weights: str | None = None,
                     cls: type[Transformer] = Transformer) -> Transformer:
+    """weights: None keeps the checkpoint's (plain, or as gpt2fast quantized them); "int8" or "bf16" quantizes
+    plain weights after loading (see gpt2fast.quantize), or asks for what a quantized checkpoint holds."""
     folder = _checkpoint_folder(name_or_path)
     config = _read_config(folder / "config.json")
-    state, source = _read_weights(folder)
+    stored = _read_quantization(folder / "config.json")
+    if weights is not None and stored is not None and weights != stored:
+        raise ValueError(f"{folder} holds {stored} weights; weights={weights!r} asks for others (load the plain "
+                         f"checkpoint to quantize it another way)")
+    state, source = _read_weights(folder, FLOAT_DTYPES if stored is None else FLOAT_DTYPES + (torch.int8,))
     incoming = _from_hf_state_dict(state, str(source))
-    _check_sizes(config, incoming, str(source))
+    _check_sizes(config, incoming, str(source), quantized=stored is not None)
     with torch.device("meta"):
         model = cls(config)
-    _check_tensors(_shapes(model), incoming, str(source))
+        if stored is not None:
+            model.quantize(stored)
+    _check_tensors(_shapes(model), incoming, str(source), _dtypes(model))
     model = model.to_empty(device="cpu")
     _copy_into(model, incoming)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    return model.quantize(weights) if weights is not None and stored is None else model
 
 
 def from_hf(hf_model, *, cls: type[Transformer] = Transformer) -> Transformer:
@@ -308,5 +365,7 @@ def save_pretrained(model: Transformer, path) -> None:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     hf_config = config_to_hf(model.config) | {"torch_dtype": str(model.dtype).removeprefix("torch.")}
+    if model.quantization is not None:
+        hf_config |= quantization_to_hf(model.quantization)
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     save_file(to_hf_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})

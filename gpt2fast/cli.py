@@ -20,6 +20,7 @@ from .distributed import resolve_device
 from .env_info import environment
 from .gpt2 import GPT2
 from .ops import registry
+from .quantize import SCHEMES
 from .tokenizer import CharTokenizer, Tokenizer
 from .train import CHAR_VOCAB_FILE, TRAIN_PRESETS, TrainConfig, train, train_config
 
@@ -42,15 +43,16 @@ def load_tokenizer(model_dir: Path | None, explicit: str | None = None):
     return Tokenizer(enc._mergeable_ranks, enc._special_tokens)
 
 
-def load_model(name: str, random_weights: bool, dtype, device) -> tuple[GPT2, Path | None]:
+def load_model(name: str, random_weights: bool, dtype, device, weights: str | None = None) -> tuple[GPT2, Path | None]:
     if random_weights:
         if name not in PRESETS:
             raise SystemExit(f"--random-weights needs a preset name ({', '.join(PRESETS)}), got {name!r}")
         log.warning("gpt2fast: %s preset with random weights: the text will be gibberish", name)
         torch.manual_seed(0)
-        return GPT2(GPT2Config.from_preset(name)).to(device=device, dtype=dtype).eval(), None
+        model = GPT2(GPT2Config.from_preset(name)).to(device=device, dtype=dtype).eval()
+        return (model if weights is None else model.quantize(weights)), None
     folder = Path(name)
-    model = GPT2.from_pretrained(name, dtype=dtype, device=device)
+    model = GPT2.from_pretrained(name, dtype=dtype, device=device, weights=weights)
     return model, folder if folder.is_dir() else None
 
 
@@ -81,7 +83,7 @@ def cmd_generate(args) -> None:
 
 def generate_text(args) -> None:
     device = resolve_device(args.device)
-    model, folder = load_model(args.model, args.random_weights, DTYPES[args.dtype], device)
+    model, folder = load_model(args.model, args.random_weights, DTYPES[args.dtype], device, args.weights)
     tokenizer = load_tokenizer(folder, args.tokenizer)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -211,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="{" + ",".join(registry.choices()) + "}")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    g.add_argument("--weights", default=None, choices=list(SCHEMES),
+                   help="store the weights int8 (one scale per output channel) or bf16, activations fp32: fewer "
+                        "bytes to read per token (default: as the checkpoint holds them)")
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train a model (default: the char-level course model on tiny Shakespeare)")

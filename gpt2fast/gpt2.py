@@ -14,9 +14,11 @@ from .model import Transformer
 
 class GPT2(Transformer):
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device=None) -> "GPT2":
-        """A Hugging Face GPT-2 checkpoint: a local folder or a hub name (see `gpt2fast.checkpoint`)."""
-        return checkpoint.from_pretrained(name_or_path, cls=cls, dtype=dtype, device=device)
+    def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device=None,
+                        weights: str | None = None) -> "GPT2":
+        """A Hugging Face GPT-2 checkpoint: a local folder or a hub name (see `gpt2fast.checkpoint`). weights="int8"
+        or "bf16" stores the weights so, for inference (see `gpt2fast.quantize`); None keeps the checkpoint's."""
+        return checkpoint.from_pretrained(name_or_path, cls=cls, dtype=dtype, device=device, weights=weights)
 
     @classmethod
     def from_hf(cls, hf_model) -> "GPT2":
@@ -24,7 +26,8 @@ class GPT2(Transformer):
         return checkpoint.from_hf(hf_model, cls=cls)
 
     def save_pretrained(self, path) -> None:
-        """A folder transformers.GPT2LMHeadModel.from_pretrained loads: config.json and model.safetensors."""
+        """config.json and model.safetensors: a folder transformers.GPT2LMHeadModel.from_pretrained loads, unless
+        the weights are quantized (then gpt2fast alone reads it; transformers refuses its quantization_config)."""
         checkpoint.save_pretrained(self, path)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

@@ -160,10 +160,12 @@ def _patched(module) -> bool:
 
 
 def _plain(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    """Whether the ops can take these tensors as they come: one dtype and device, and no autocast, which
-    would run transformers' matmuls in another precision than the ops."""
+    """Whether the ops can take these tensors as they come: one dtype and device, no autocast, which would run
+    transformers' matmuls in another precision than the ops, and plain tensors: a quantized weight (int8, or a
+    tensor subclass such as torchao's, whatever dtype it reports) is transformers' quantizer's to run."""
     return (not torch.is_autocast_enabled(x.device.type)
-            and all(p is not None and p.dtype == x.dtype and p.device == x.device for p in params))
+            and all(p is not None and type(p) in (torch.Tensor, torch.nn.Parameter) and p.dtype == x.dtype
+                    and p.device == x.device for p in params))
 
 
 def _layer_norm_forward(module, original, x):
@@ -190,7 +192,7 @@ def _mlp_forward(module, original, hidden_states):
 def _linear(conv, x: torch.Tensor) -> torch.Tensor:
     """conv(x), by ops.linear where conv is a plain Conv1D: the same matmul, split across the CPU's
     threads when only a few rows come (decoding)."""
-    return ops.linear(x, conv.weight, conv.bias) if _conv1d(conv) else conv(x)
+    return ops.linear(x, conv.weight, conv.bias) if _conv1d(conv) and _plain(x, conv.weight, conv.bias) else conv(x)
 
 
 def _attention_forward(module, original, hidden_states, cache=None, attention_mask=None,

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
 from .config import GPT2Config
+from .quantize import QuantizedEmbedding, QuantizedLinear, check_scheme
 
 
 @dataclass
@@ -98,7 +100,10 @@ class MLP(nn.Module):
         self.c_proj = Linear(config.mlp_width, config.n_embd)
 
     def forward(self, x):
-        return ops.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
+        fc, proj = self.c_fc, self.c_proj
+        if isinstance(fc, QuantizedLinear):  # weight-only quantized: each matmul reads the stored weights
+            return proj(ops.bias_gelu(fc(x, with_bias=False), fc.bias))
+        return ops.gelu_mlp(x, fc.weight, fc.bias, proj.weight, proj.bias)
 
 
 class Block(nn.Module):
@@ -147,11 +152,42 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.wte.weight.device
+        return self.ln_f.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
+        """The activations' dtype (the weights' too, unless quantized)."""
+        return self.ln_f.weight.dtype
+
+    @property
+    def quantization(self) -> str | None:
+        """How the weights are stored: None (in `dtype`), or a scheme of gpt2fast.quantize ("int8", "bf16")."""
+        if not isinstance(self.wte, QuantizedEmbedding):
+            return None
+        return "bf16" if self.wte.weight.dtype == torch.bfloat16 else "int8"
+
+    def quantize(self, scheme: str) -> "Transformer":
+        """Store every matmul's weights, the LM head's included, in `scheme` ("int8": per output channel, with
+        fp32 scales; "bf16"), for inference; activations stay fp32. In place; returns the model."""
+        check_scheme(scheme)
+        if self.quantization is not None:
+            raise ValueError(f"the model's weights are already quantized ({self.quantization})")
+        if self.dtype != torch.float32:
+            raise ValueError(f"quantize takes a float32 model (activations stay fp32), got {self.dtype}")
+        for block in self.h:
+            for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                                (block.mlp, "c_proj")):
+                setattr(owner, name, QuantizedLinear.from_linear(getattr(owner, name), scheme))
+        self.wte = QuantizedEmbedding.from_embedding(self.wte, scheme)
+        return self.eval()
+
+    def _apply(self, fn, recurse=True):
+        """.to(), .cuda(), .half() and the like: a quantized model moves between devices, but its formats stay
+        (a cast would turn bf16 weights or fp32 scales into something the kernels do not read)."""
+        if self.quantization is not None and fn(torch.empty(0, device=self.device)).dtype != torch.float32:
+            raise ValueError(f"a model with {self.quantization} weights keeps its dtypes (activations fp32); "
+                             f"cast the model before quantizing it")
+        return super()._apply(fn, recurse)
 
     def check_input_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor):
@@ -258,6 +294,8 @@ class Transformer(nn.Module):
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits: x @ wte^T, the head tied to the token embedding."""
+        if isinstance(self.wte, QuantizedEmbedding):
+            return self.wte.head(x)
         return ops.lm_head(x, self.wte.weight)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -273,6 +311,8 @@ class Transformer(nn.Module):
         if targets.shape != input_ids.shape:
             raise ValueError(f"targets have shape {tuple(targets.shape)}, input_ids {tuple(input_ids.shape)}")
         x = self._blocks(input_ids, torch.arange(T, device=input_ids.device)[None, :])
+        if self.quantization is not None:  # evaluation (quantized weights are for inference): all the logits at once
+            return F.cross_entropy(self.lm_head(x).flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
         return ops.linear_cross_entropy(x, self.wte.weight, targets, ignore_index)
 
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:

@@ -182,6 +182,9 @@ def peak_flops(device_name: str) -> float | None:
 def _model(cfg: TrainConfig, vocab_size: int) -> GPT2:
     if cfg.init_from:
         model = GPT2.from_pretrained(cfg.init_from)
+        if model.quantization is not None:
+            raise ValueError(f"{cfg.init_from} holds {model.quantization} weights, which are for inference; "
+                             f"train from the fp32 checkpoint")
         if model.config.vocab_size < vocab_size:
             raise ValueError(f"{cfg.init_from} has {model.config.vocab_size} tokens, the tokenizer {vocab_size}")
         if cfg.block_size > model.config.n_positions:

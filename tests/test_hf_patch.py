@@ -345,3 +345,21 @@ def test_apply_to_transformers_gpt2_patches_models_loaded_afterwards_and_revert_
         gpt2fast.revert_transformers_gpt2()
     assert "forward" not in vars(model.transformer.h[1].mlp)
     assert "forward" not in vars(tiny().transformer.h[1].mlp)
+
+
+class _QuantizedWeight(torch.Tensor):
+    """Stands for a quantizer's weight type (torchao's, say): a tensor subclass reporting a float dtype."""
+
+
+def test_weights_a_quantizer_owns_are_left_to_transformers(op_calls):
+    model = tiny()
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "Conv1D":
+                module.weight = torch.nn.Parameter(module.weight.detach().as_subclass(_QuantizedWeight))
+    ids = random_ids(101, 2, 6)
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = gpt2fast.patch_hf(model)(ids).logits  # in place: a deep copy would not copy these weights
+    assert torch.equal(got, expected)
+    assert op_calls["layer_norm"] and not op_calls["gelu_mlp"] and not op_calls["linear"]

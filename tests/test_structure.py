@@ -1,7 +1,7 @@
 """The layers of the code, and that no import goes up them or round in a loop.
 
 Bottom to top: the kernels (kernels/, imported as gpt2fast.kernels through the link gpt2fast/kernels, and the
-extension gpt2fast._C), then gpt2fast.ops, then the model (config.py, model.py), then everything that uses the
+extension gpt2fast._C), then gpt2fast.ops, then the model (config.py, quantize.py, model.py), then everything that uses the
 model. A module may import its own layer and those below. Every import counts, at the top of a module or
 inside a function: `import a.b`, `from a import b` (b as a module where there is one), relative imports, and
 importlib.import_module with a constant name or an f-string's constant prefix (every module it may name).
@@ -26,7 +26,7 @@ def layer(module: str) -> int:
         return 0
     if module == "gpt2fast.ops" or module.startswith("gpt2fast.ops."):
         return 1
-    if module in ("gpt2fast.config", "gpt2fast.model"):
+    if module in ("gpt2fast.config", "gpt2fast.quantize", "gpt2fast.model"):
         return 2
     return 3
 
