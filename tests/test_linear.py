@@ -9,7 +9,7 @@ import torch
 import gpt2fast
 from gpt2fast import ops
 from gpt2fast.ops import registry, torch_cpu_backend
-from gpt2fast.ops.torch_cpu_backend import SPLIT_K_MAX_ROWS, SPLIT_K_MIN_ROWS
+from gpt2fast.ops.torch_cpu_backend import ONEDNN_MAX_ROWS, ONEDNN_MIN_ROWS, SPLIT_K_MAX_ROWS, SPLIT_K_MIN_ROWS
 from conftest import assert_close, randn
 
 
@@ -22,7 +22,8 @@ def threads(request):
 
 
 # Rows from 1 (decode) past the split-K limit; inner widths divisible by 2 and 3 or not (then plain addmm).
-SHAPES = [(1, 1, 768), (3, 1, 96), (2, 4, 102), (1, SPLIT_K_MAX_ROWS + 1, 96), (5, 77), (1, 1, 101), (1, 1600)]
+SHAPES = [(1, 1, 768), (3, 1, 96), (2, 4, 102), (1, SPLIT_K_MAX_ROWS + 1, 96), (5, 77), (1, 1, 101), (1, 1600),
+          (4, 16, 768), (ONEDNN_MAX_ROWS + 1, 64)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -98,21 +99,37 @@ def test_torch_cpu_takes_the_rows_of_a_decode_step_only():
     w, e = randn(64, 16), randn(50, 64)
     assert _runs_on_torch_cpu("linear", randn(SPLIT_K_MAX_ROWS, 64), w)
     assert _runs_on_torch_cpu("linear", randn(SPLIT_K_MIN_ROWS, 64), w)
-    assert not _runs_on_torch_cpu("linear", randn(SPLIT_K_MAX_ROWS + 1, 64), w)
     assert not _runs_on_torch_cpu("linear", randn(SPLIT_K_MIN_ROWS - 1, 64), w)
-    assert _runs_on_torch_cpu("lm_head", randn(1, 64), e)  # the copy pays from one row, split-K from two
-    assert _runs_on_torch_cpu("lm_head", randn(2, 64), e)
+    assert _runs_on_torch_cpu("linear", randn(ONEDNN_MIN_ROWS, 64), w)  # batched decoding: oneDNN, packed
+    assert _runs_on_torch_cpu("linear", randn(ONEDNN_MAX_ROWS, 64), w)
+    assert not _runs_on_torch_cpu("linear", randn(ONEDNN_MAX_ROWS + 1, 64), w)  # a prefill: MKL alone
+    assert not _runs_on_torch_cpu("linear", randn(ONEDNN_MIN_ROWS, 64), w.clone().requires_grad_())  # training
+    assert not _runs_on_torch_cpu("linear", randn(ONEDNN_MIN_ROWS, 64, dtype=torch.bfloat16), w.bfloat16())
+    assert _runs_on_torch_cpu("lm_head", randn(1, 64), e)  # the packed copy pays from one row
+    assert _runs_on_torch_cpu("lm_head", randn(ONEDNN_MAX_ROWS, 64), e)
+    assert not _runs_on_torch_cpu("lm_head", randn(ONEDNN_MAX_ROWS + 1, 64), e)
     assert not _runs_on_torch_cpu("lm_head", randn(2, 64), e.requires_grad_())  # training uses the weight itself
     with torch.no_grad():
         assert _runs_on_torch_cpu("lm_head", randn(2, 64), e)
     with torch.inference_mode():
         inference_weight = randn(50, 64)
         assert not _runs_on_torch_cpu("lm_head", randn(2, 64), inference_weight)  # no version counter to watch
+        assert not _runs_on_torch_cpu("linear", randn(ONEDNN_MIN_ROWS, 64), inference_weight.T)
+
+
+# The kept copies, packed for oneDNN: the LM head's from one row, the linear weights' past split-K's rows.
+ROWS = [1, ONEDNN_MIN_ROWS]
+
+
+@pytest.fixture(params=ROWS, ids=lambda n: f"{n}rows")
+def rows(request):
+    return request.param
 
 
 def _logits(x, w):
     with torch.no_grad():
-        assert _runs_on_torch_cpu("lm_head", x, w)  # through the copy
+        if x.dtype == torch.float32:  # (others run the reference)
+            assert _runs_on_torch_cpu("lm_head", x, w)  # through the packed copy
         with gpt2fast.use_backend("torch_cpu"):
             return ops.lm_head(x, w)
 
@@ -121,18 +138,27 @@ def _expected(x, w):
     return x.double() @ w.detach().double().T
 
 
-def test_lm_head_copy_follows_in_place_writes():
-    x, w = randn(2, 32, seed=15), randn(40, 32, seed=16)
+def test_lm_head_copy_follows_in_place_writes(rows):
+    x, w = randn(rows, 32, seed=15), randn(40, 32, seed=16)
     assert_close(_logits(x, w), _expected(x, w))
     with torch.no_grad():
         w.mul_(-2)
     assert_close(_logits(x, w), _expected(x, w))
 
 
+def test_packed_linear_weights_follow_in_place_writes():
+    x, w, b = randn(ONEDNN_MIN_ROWS, 32, seed=15), randn(32, 24, seed=16), randn(24, seed=17)
+    for _ in range(2):
+        with torch.no_grad(), gpt2fast.use_backend("torch_cpu"):
+            assert _runs_on_torch_cpu("linear", x, w)
+            assert_close(ops.linear(x, w, b), x.double() @ w.double() + b.double())
+            w.mul_(-2)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused_adamw"])
-def test_lm_head_copy_follows_optimizer_steps(fused):
+def test_lm_head_copy_follows_optimizer_steps(fused, rows):
     """Fused AdamW on the CPU writes the weights without bumping their version counter."""
-    x = randn(2, 32, seed=17)
+    x = randn(rows, 32, seed=17)
     w = torch.nn.Parameter(randn(40, 32, seed=18))
     optimizer = torch.optim.AdamW([w], lr=0.1, fused=fused)
     assert_close(_logits(x, w), _expected(x, w))
@@ -143,9 +169,9 @@ def test_lm_head_copy_follows_optimizer_steps(fused):
     assert_close(_logits(x, w), _expected(x, w))
 
 
-def test_lm_head_copy_follows_a_cast_and_back():
+def test_lm_head_copy_follows_a_cast_and_back(rows):
     """A module's .to() gives the same Parameter new storage, which may land where the old one was."""
-    x = randn(2, 32, seed=20)
+    x = randn(rows, 32, seed=20)
     layer = torch.nn.Embedding(40, 32)
     w = layer.weight
     assert_close(_logits(x, w), _expected(x, w))
@@ -156,20 +182,20 @@ def test_lm_head_copy_follows_a_cast_and_back():
         assert_close(_logits(x.to(dtype), w), _expected(x, w), dtype=torch.float32)
 
 
-def test_lm_head_copy_follows_new_data():
-    x, w = randn(2, 32, seed=21), torch.nn.Parameter(randn(40, 32, seed=22))
+def test_lm_head_copy_follows_new_data(rows):
+    x, w = randn(rows, 32, seed=21), torch.nn.Parameter(randn(40, 32, seed=22))
     assert_close(_logits(x, w), _expected(x, w))
     w.data = randn(40, 32, seed=23)
     assert_close(_logits(x, w), _expected(x, w))
 
 
-def test_lm_head_copy_goes_with_its_weight():
-    x, w = randn(2, 32, seed=24), randn(40, 32, seed=25)
+def test_lm_head_copy_goes_with_its_weight(rows):
+    x, w = randn(rows, 32, seed=24), randn(40, 32, seed=25)
     _logits(x, w)
-    assert w in torch_cpu_backend._TRANSPOSED
-    held = len(torch_cpu_backend._TRANSPOSED)
+    assert w in torch_cpu_backend._COPIES
+    held = len(torch_cpu_backend._COPIES)
     del w
-    assert len(torch_cpu_backend._TRANSPOSED) == held - 1
+    assert len(torch_cpu_backend._COPIES) == held - 1
 
 
 def test_torch_cpu_decode_attention_reads_only_each_prefix():
