@@ -95,7 +95,8 @@ setup(
         # run-time bounds under numpy 2.4 (triton-lang/triton#9171).
         "test": ["pytest", "hypothesis", "scipy", "transformers>=4.45", "pytest-benchmark", "matplotlib", TRITON,
                  "numpy<2.4"],
-        "bench": ["matplotlib", "transformers>=4.45", "pytest-benchmark"],
+        # ctranslate2: the CPU peer of the end-to-end phases (no package of gpt2fast's imports it otherwise).
+        "bench": ["matplotlib", "transformers>=4.45", "pytest-benchmark", "ctranslate2>=4"],
     },
     entry_points={"console_scripts": ["gpt2fast = gpt2fast.cli:main"]},
 )

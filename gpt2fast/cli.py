@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "time to first token,first token,decode,decode top-p,train step")
     m.add_argument("--decode-batches", default=None, help="comma-separated batch sizes of the first-token and decode "
                                                          "phases (default: 1, and 16, 64 on CUDA)")
+    m.add_argument("--prompt-tokens", type=int, default=None,
+                   help="prompt tokens per sequence of the prefill, first-token and decode phases (default: 128; "
+                        "32 with --quick on the CPU; at most half the model's context)")
     m.add_argument("--budget-s", type=float, default=None, help="start nothing after this many seconds; what is left "
                                                                 "is recorded as skipped (the record is written)")
     m.add_argument("--quick", action="store_true", help="fewer, smaller shapes and shorter timing: a smoke run")

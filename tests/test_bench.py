@@ -1,14 +1,16 @@
 """`python -m gpt2fast bench`: a --quick CPU pass writes a well-formed record, tables and plots; a backend
 registered in the ops registry is measured with no change to the suites. Nothing here asserts a timing."""
+import importlib.util
 import json
 import re
 
 import pytest
 import torch
 
-from gpt2fast.bench import e2e, hf_patch, report
+from gpt2fast.bench import ceilings, ctranslate2_peer, e2e, hf_patch, report
 from gpt2fast.bench.runner import measure_case
 from gpt2fast.bench.suite import SUITES, Setting, prepare
+from gpt2fast.bench.timing import Timing
 from gpt2fast import GPT2
 from gpt2fast.cli import main
 from gpt2fast.config import GPT2Config
@@ -17,8 +19,18 @@ from gpt2fast.ops import reference, registry
 OP_FIELDS = {"op", "case", "shape", "impl", "kind", "median_s", "p20_s", "p80_s", "reps", "work", "work_unit",
              "achieved", "unit", "ceiling", "fraction_of_ceiling", "speedup_over_reference", "speedup_over_peers"}
 E2E_FIELDS = {"model", "params", "phase", "impl", "batch", "tokens", "median_s", "p20_s", "p80_s", "reps",
-              "tokens_per_s", "bound_tokens_per_s", "bound_by", "fraction_of_bound", "speedup_over_transformers"}
+              "tokens_per_s", "bound_tokens_per_s", "bound_by", "fraction_of_bound", "speedup_over_transformers",
+              "speedup_over_ctranslate2_float32"}
 SCALE = {"GB/s": 1e9, "TFLOP/s": 1e12}
+QUICK_CPU = Setting("cpu", torch.float32, quick=True)
+# The phases with the quantized gpt2fast models and CTranslate2 beside gpt2fast and transformers.
+CPU_RUN_PHASES = ("time to first token", "first token", "decode", "decode top-p")
+
+
+def cpu_runs(s: Setting) -> dict[str, str | None]:
+    """The quantized gpt2fast models and CTranslate2's compute types: why each is not run here, or None."""
+    return {**{impl: e2e._quantized_unavailable(s) for impl in e2e.OURS_QUANTIZED.values()},
+            **{ctranslate2_peer.name(c): ctranslate2_peer.unavailable(s, c) for c in ctranslate2_peer.COMPUTE_TYPES}}
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +113,20 @@ def test_record_names_device_versions_and_settings(bench):
     assert limits["copy_gbps"] > 0 and {"float32", "bfloat16"} <= limits["matmul_tflops"].keys()
 
 
+def test_read_bandwidth_is_a_ceiling_beside_the_copy_bandwidth(bench):
+    out, record_path, record = bench
+    limits = record["ceilings"]
+    assert limits["read_gbps"] > 0 and limits["read_bytes"] == ceilings.READ_BYTES["cpu quick"]
+    assert limits["copy_gbps"] > 0 and limits["copy_bytes"] == ceilings.COPY_BYTES["cpu quick"]
+    header = (out / f"{record_path.stem}.md").read_text()
+    assert f"read bandwidth **{limits['read_gbps']:.1f} GB/s** (256 MiB sum, read only)" in header
+    old = {**record, "ceilings": {k: v for k, v in limits.items() if not k.startswith("read_")},
+           "end_to_end": [{k: v for k, v in r.items() if k != "speedup_over_ctranslate2_float32"}
+                          for r in record["end_to_end"]]}
+    text = report.markdown(old)  # a record from before the read bandwidth and the CTranslate2 peer
+    assert "read bandwidth **" not in text and "vs ctranslate2 float32" not in text and "vs transformers" in text
+
+
 def test_every_op_row_is_complete_and_its_ratios_come_from_its_times(bench):
     record = bench[2]
     rows = record["ops"]
@@ -129,20 +155,28 @@ def test_every_backend_chosen_is_measured_or_skipped_with_a_reason(bench):
 
 def test_end_to_end_rows(bench):
     """A row for every phase and implementation run on the CPU, whatever the machine's load: nothing is derived
-    from a difference of two timings, and whatever fails is recorded as skipped with its error (shown here)."""
-    rows = bench[2]["end_to_end"]
+    from a difference of two timings, and whatever fails is recorded as skipped with its error (shown here).
+    The quantized gpt2fast models and CTranslate2 run where this gpt2fast and this machine have them."""
+    record = bench[2]
+    rows = record["end_to_end"]
     ours = {(phase, "gpt2fast") for phase in ("prefill", "time to first token", "first token", "decode", "decode top-p",
                                               "train step")}
     peer = {(phase, "transformers") for phase, _ in ours}
     patched = {(phase, hf_patch.PATCHED) for phase in ("prefill", "first token", "decode", "train step")}
-    skipped = [r for r in bench[2]["skipped"] if r["op"] == "end to end"]
-    assert {(r["phase"], r["impl"]) for r in rows} == ours | peer | patched, skipped
+    others = cpu_runs(QUICK_CPU)
+    run = {(phase, impl) for phase in CPU_RUN_PHASES for impl, reason in others.items() if reason is None}
+    skipped = [r for r in record["skipped"] if r["op"] == "end to end"]
+    assert {(r["phase"], r["impl"]) for r in rows} == ours | peer | patched | run, skipped
     assert {(r["case"], r["impl"]) for r in skipped} == {
-        *((f"char {phase} batch 1", e2e.COMPILED_PEER)
-          for phase in ("time to first token", "first token", "decode", "decode top-p")),
+        *((f"char {phase} batch 1", e2e.COMPILED_PEER) for phase in CPU_RUN_PHASES),
         *((f"char {phase} batch 1", impl) for phase in ("decode", "decode top-p")
-          for impl in (e2e.OURS_EAGER, e2e.OURS_COMPILED))}, skipped
-    z = e2e.sizes(Setting("cpu", torch.float32, quick=True), GPT2Config.from_preset("char"))
+          for impl in (e2e.OURS_EAGER, e2e.OURS_COMPILED)),
+        *((f"char {phase} batch 1", impl) for phase in CPU_RUN_PHASES for impl, reason in others.items() if reason)
+    }, skipped
+    reasons = {r["impl"]: r["reason"] for r in skipped}
+    assert all(reasons[impl] == reason for impl, reason in others.items() if reason)
+    config = GPT2Config.from_preset("char")
+    z = e2e.sizes(QUICK_CPU, config)
     tokens = {"prefill": z.prefill_batch * z.prompt, "time to first token": z.ttft_prompt, "first token": z.prompt,
               "decode": z.new_tokens - 1, "decode top-p": z.new_tokens - 1, "train step": z.train_batch * z.train_len}
     for r in rows:
@@ -150,8 +184,15 @@ def test_end_to_end_rows(bench):
         assert r["tokens"] == tokens[r["phase"]] and r["median_s"] > 0, r
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["median_s"])
         assert r["fraction_of_bound"] == pytest.approx(r["tokens_per_s"] / r["bound_tokens_per_s"])
-        peer = next(x for x in rows if (x["phase"], x["batch"], x["impl"]) == (r["phase"], r["batch"], "transformers"))
-        assert r["speedup_over_transformers"] == pytest.approx(peer["median_s"] / r["median_s"])
+        same_phase = {x["impl"]: x for x in rows if (x["phase"], x["batch"]) == (r["phase"], r["batch"])}
+        assert r["speedup_over_transformers"] == pytest.approx(same_phase["transformers"]["median_s"] / r["median_s"])
+        ct2 = same_phase.get(e2e.CT2_FLOAT32)
+        assert r["speedup_over_ctranslate2_float32"] == (ct2 and pytest.approx(ct2["median_s"] / r["median_s"]))
+        if r["phase"].startswith("decode"):  # every weight read once a step, at the implementation's precision
+            weights = e2e.weight_bytes(config, e2e.WEIGHT_DTYPES.get(r["impl"], torch.float32))
+            assert r["bound_by"] == "read bandwidth"
+            read_gbps = record["ceilings"]["read_gbps"]
+            assert r["bound_tokens_per_s"] == pytest.approx(r["batch"] * read_gbps * 1e9 / weights)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic cache", "static cache"])
@@ -169,6 +210,83 @@ def test_timed_decode_calls_make_the_tokens_after_the_first(static):
         assert torch.equal(peer.run(peer.prepare()), expected)
     tokens = e2e.ours_decode(GPT2.from_hf(hf), x, n, do_sample=False).prepare()
     assert torch.equal(torch.stack(list(tokens), dim=1), expected[:, 6:])
+
+
+def test_decode_is_bound_by_the_read_bandwidth_over_the_weights_at_their_precision():
+    (decode,) = [p for p in e2e.phases("char", QUICK_CPU, (4,)) if p.name == "decode"]
+    impls = ["gpt2fast", "gpt2fast int8", "gpt2fast bf16", "ctranslate2 float32", "ctranslate2 int8"]
+    limits = {"copy_gbps": 1.0, "read_gbps": 2.0, "matmul_tflops": {"float32": 1.0}}
+    rows = e2e.rows("char", QUICK_CPU, [(decode, impl, Timing(1.0, 1.0, 1.0, 3)) for impl in impls], limits)
+    bound = {r["impl"]: r["bound_tokens_per_s"] for r in rows}
+    fp32 = 4 * 2e9 / e2e.weight_bytes(GPT2Config.from_preset("char"), torch.float32)
+    assert bound == pytest.approx({"gpt2fast": fp32, "gpt2fast int8": 4 * fp32, "gpt2fast bf16": 2 * fp32,
+                                   "ctranslate2 float32": fp32, "ctranslate2 int8": 4 * fp32})
+    assert {r["bound_by"] for r in rows} == {"read bandwidth"}
+
+
+def test_quantized_gpt2fast_runs_a_copy_quantized_once_per_scheme(monkeypatch):
+    """A copy of the float32 model per scheme, quantized once and kept for both phases, decodes the tokens after
+    the first."""
+    schemes, quantize = [], GPT2.quantize
+
+    def counted(self, scheme):
+        schemes.append(scheme)
+        return quantize(self, scheme)
+    monkeypatch.setattr(GPT2, "quantize", counted)
+    (first, decode) = [p for p in e2e.phases("char", QUICK_CPU, (2,)) if p.name in ("first token", "decode")]
+    for impl in e2e.OURS_QUANTIZED.values():
+        assert first.runs[impl]()().shape == (2, e2e.sizes(QUICK_CPU, GPT2Config.from_preset("char")).prompt + 1)
+        prepared = decode.runs[impl]()
+        assert sum(len(step) for step in prepared.prepare()) == decode.tokens
+    assert schemes == list(e2e.OURS_QUANTIZED)  # once per scheme, for both phases
+
+
+def test_ctranslate2_is_listed_with_the_reason_where_it_cannot_run(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "ctranslate2"
+                        else find_spec(name, *args))
+    (decode,) = [p for p in e2e.phases("char", QUICK_CPU, (1,)) if p.name == "decode"]
+    for compute_type in ctranslate2_peer.COMPUTE_TYPES:
+        reason = decode.runs[ctranslate2_peer.name(compute_type)]
+        assert reason == "ctranslate2 is not installed (pip install ctranslate2)"
+        assert "CPU only" in ctranslate2_peer.unavailable(Setting("cuda", torch.bfloat16), compute_type)
+
+
+def test_ctranslate2_float32_is_the_transformers_model():
+    """The conversion is the same model: CTranslate2's greedy tokens are transformers', every sequence making
+    exactly the n tokens asked for (the first one, then the n - 1 the timed decode call covers)."""
+    pytest.importorskip("ctranslate2")
+    torch.manual_seed(0)
+    # eos_token_id: the converted model's end token is the last id; both hold it back for the n tokens.
+    config = GPT2Config(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=2, eos_token_id=100)
+    hf = e2e._hf_model(config).eval()
+    x, n = torch.randint(0, 101, (3, 5)), 6
+    expected = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)[:, 5:]
+    generator = ctranslate2_peer.load(ctranslate2_peer.convert(hf), "float32")
+    first = ctranslate2_peer.first_token(generator, x)()
+    assert [r.sequences_ids[0] for r in first] == expected[:, :1].tolist()
+    greedy, top_p = (ctranslate2_peer.decode(generator, x, n, top_p) for top_p in (None, 0.9))
+    assert [r.sequences_ids[0] for r in greedy.run(greedy.prepare())] == expected.tolist()
+    assert [len(r.sequences_ids[0]) for r in top_p.run(top_p.prepare())] == [n] * 3
+
+
+def test_prompt_tokens_sets_the_prompt_of_the_end_to_end_phases(tmp_path):
+    """The issue's setting, at the char model's size: a 16-token prompt, the first-token and decode phases; with
+    CTranslate2 where it is installed."""
+    main(["bench", "--quick", "--device", "cpu", "--ops", "none", "--models", "char", "--phases", "first token,decode",
+          "--decode-batches", "2", "--prompt-tokens", "16", "--out", str(tmp_path)])
+    (record_path,) = tmp_path.glob("bench-*.json")
+    record = json.loads(record_path.read_text())
+    assert record["settings"]["prompt_tokens"] == 16
+    rows = {(r["phase"], r["impl"]): r for r in record["end_to_end"]}
+    assert {r["tokens"] for (phase, _), r in rows.items() if phase == "first token"} == {2 * 16}
+    for impl, reason in cpu_runs(QUICK_CPU).items():
+        assert reason is not None or all(rows[phase, impl]["tokens_per_s"] > 0 for phase in ("first token", "decode"))
+    assert e2e.sizes(e2e.E2ESetting("cpu", torch.float32, True, prompt_tokens=16), GPT2Config.from_preset("char")
+                     ).prompt == 16
+    with pytest.raises(SystemExit, match="--prompt-tokens must be >= 1"):
+        main(["bench", "--ops", "none", "--models", "none", "--prompt-tokens", "0"])
 
 
 def test_compiled_static_cache_peer_is_listed_as_not_run_on_the_cpu(bench):

@@ -1,15 +1,17 @@
 """End to end: the whole model, gpt2fast against transformers' GPT2LMHeadModel on the same random
-weights of a preset's real size.
+weights of a preset's real size, and on the CPU also against CTranslate2 (that model converted, see
+ctranslate2_peer) and against gpt2fast with its weights quantized.
 
 Phases are declarative like the op cases: a name, a batch, the tokens one call handles, and one factory
 per implementation (set-up is never timed, and only one implementation's training state lives at a
-time). `rows` turns their timings into tokens/s against a bound: decode against the copy bandwidth
-(every weight is read once per step), prefill and training against the matmul peak (2 and 6 flops per
-parameter per token; for training the fraction is the MFU).
+time). `rows` turns their timings into tokens/s against a bound: decode against the read bandwidth
+(every weight is read once per step, at the implementation's precision), prefill and training against the
+matmul peak (2 and 6 flops per parameter per token; for training the fraction is the MFU).
 
 Decode is timed by itself: before every timed call, untimed, the prompt is prefilled and its first token
 drawn; the call makes the other n - 1 tokens of every sequence (gpt2fast: the rest of `stream`;
-transformers: `generate` continuing from the prefilled KV cache, its per-call set-up included).
+transformers: `generate` continuing from the prefilled KV cache, its per-call set-up included;
+CTranslate2: `generate_batch`, the clock started at its first token).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ..checkpoint import config_to_hf
 from ..config import GPT2Config
 from ..gpt2 import GPT2
 from ..train import loss_fn
+from . import ctranslate2_peer
 from .suite import Setting, dtype_name
 from .timing import Prepared, Timing
 
@@ -35,6 +38,20 @@ TOP_P = 0.9  # the sampled decode phase: top-p, as transformers' TopPLogitsWarpe
 # transformers' fast decoding: generate with a static KV cache, whose decode step generate itself
 # compiles with torch.compile (fullgraph), on GPUs only.
 COMPILED_PEER = "transformers static cache + torch.compile"
+# gpt2fast with weight-only quantization (GPT2.quantize(scheme), activations fp32), on the CPU.
+OURS_QUANTIZED = {"int8": "gpt2fast int8", "bf16": "gpt2fast bf16"}
+# The dtype of the weights a decode step reads, where it is not the run's.
+WEIGHT_DTYPES = {OURS_QUANTIZED["int8"]: torch.int8, OURS_QUANTIZED["bf16"]: torch.bfloat16,
+                 **{ctranslate2_peer.name(c): dtype for c, dtype in ctranslate2_peer.COMPUTE_TYPES.items()}}
+CT2_FLOAT32 = ctranslate2_peer.name("float32")
+# The row's speed-up column -> the implementation it is over.
+SPEEDUPS = {"speedup_over_transformers": PEER, "speedup_over_ctranslate2_float32": CT2_FLOAT32}
+
+
+@dataclass(frozen=True)
+class E2ESetting(Setting):
+    """A Setting whose end-to-end prompt length is chosen (--prompt-tokens) over the size table's."""
+    prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +80,7 @@ SIZES = {
 def sizes(s: Setting, config: GPT2Config) -> Sizes:
     z = SIZES[s.size]
     # Small presets (the char model) have short contexts: keep prompt and generated tokens inside them.
-    prompt = min(z.prompt, config.n_positions // 2)
+    prompt = min(getattr(s, "prompt_tokens", None) or z.prompt, config.n_positions // 2)  # a plain Setting has none
     return Sizes(prompt, min(z.new_tokens, config.n_positions - prompt), z.decode_batches,
                  min(z.ttft_prompt, config.n_positions - 1), z.prefill_batch, z.train_batch,
                  min(z.train_len, config.n_positions))
@@ -87,6 +104,16 @@ def phases(preset: str, s: Setting, decode_batches: tuple[int, ...] | None = Non
     config = GPT2Config.from_preset(preset)
     z = sizes(s, config)
     models = functools.cache(lambda: _inference_models(config, s))
+    # Made on first use and kept for every batch: gpt2fast's model copied and quantized, per scheme; the
+    # transformers model converted to CTranslate2 once, and loaded per compute type.
+    quantized = functools.cache(lambda scheme: GPT2.from_hf(models()[PEER]).quantize(scheme))
+    converted = functools.cache(lambda: ctranslate2_peer.convert(models()[PEER]))
+    generators = functools.cache(lambda compute_type: ctranslate2_peer.load(converted(), compute_type))
+    not_quantized = _quantized_unavailable(s)
+
+    def free_inference_models():
+        for cached in (models, quantized, converted, generators):
+            cached.cache_clear()
 
     def ids(batch, length):
         return torch.randint(0, config.vocab_size, (batch, length), device=s.device)
@@ -98,11 +125,26 @@ def phases(preset: str, s: Setting, decode_batches: tuple[int, ...] | None = Non
 
     compiled_peer = None if s.device == "cuda" else "transformers compiles its static-cache decode step on GPUs only"
 
+    def cpu_runs(ours, ct2):
+        """The quantized gpt2fast models and CTranslate2's compute types, run on the CPU: ours(model) and
+        ct2(generator) make the call to time."""
+        def quantized_run(scheme):
+            return not_quantized or (lambda: ours(quantized(scheme)))
+
+        def ct2_run(compute_type):
+            return ctranslate2_peer.unavailable(s, compute_type) or (lambda: ct2(generators(compute_type)))
+        return {**{impl: quantized_run(scheme) for scheme, impl in OURS_QUANTIZED.items()},
+                **{ctranslate2_peer.name(c): ct2_run(c) for c in ctranslate2_peer.COMPUTE_TYPES}}
+
     def first_token(batch, prompt=z.prompt):
         x = ids(batch, prompt)
+
+        def static():
+            return hf_first_token(models()[PEER], x, cache_implementation="static")
         return {OURS: lambda: functools.partial(models()[OURS].generate, x, 1, do_sample=False),
-                PEER: lambda: hf_first_token(models()[PEER], x),
-                COMPILED_PEER: compiled_peer or (lambda: hf_first_token(models()[PEER], x, cache_implementation="static"))}
+                PEER: lambda: hf_first_token(models()[PEER], x), COMPILED_PEER: compiled_peer or static,
+                **cpu_runs(lambda model: functools.partial(model.generate, x, 1, do_sample=False),
+                           lambda generator: ctranslate2_peer.first_token(generator, x))}
 
     def decode(batch, n, top_p=None):
         x = ids(batch, z.prompt)
@@ -117,17 +159,19 @@ def phases(preset: str, s: Setting, decode_batches: tuple[int, ...] | None = Non
         return {OURS: ours("auto"), OURS_EAGER: ours("eager") if s.device == "cuda" else cpu_same,
                 OURS_COMPILED: no_compile if s.quick and s.device == "cpu" else ours("compile"),
                 PEER: lambda: hf_decode(models()[PEER], x, n, **hf_sampling),
-                COMPILED_PEER: compiled_peer or (lambda: hf_decode(models()[PEER], x, n, static=True, **hf_sampling))}
+                COMPILED_PEER: compiled_peer or (lambda: hf_decode(models()[PEER], x, n, static=True, **hf_sampling)),
+                **cpu_runs(lambda model: ours_decode(model, x, n, **sampling),
+                           lambda generator: ctranslate2_peer.decode(generator, x, n, top_p))}
 
     def train_step(batch):
         x, y = ids(batch, z.train_len), ids(batch, z.train_len)
 
         def ours():
-            models.cache_clear()  # the inference models go before a training model and its optimizer state come
+            free_inference_models()  # the inference models go before a training model and its optimizer state come
             return _train_step(_training_model(GPT2, config, s), lambda m: loss_fn(m, x, y))
 
         def peer():
-            models.cache_clear()
+            free_inference_models()
             return _train_step(_training_model(_hf_model, config, s), lambda m: m(input_ids=x, labels=y).loss)
         return {OURS: ours, PEER: peer}
 
@@ -140,6 +184,13 @@ def phases(preset: str, s: Setting, decode_batches: tuple[int, ...] | None = Non
                 Phase("decode", b, decoded, decode(b, z.new_tokens)),
                 Phase("decode top-p", b, decoded, decode(b, z.new_tokens, top_p=TOP_P))]
     return out + [Phase("train step", z.train_batch, z.train_batch * z.train_len, train_step(z.train_batch))]
+
+
+def _quantized_unavailable(s: Setting) -> str | None:
+    """Why gpt2fast's quantized models are not run in this setting, or None."""
+    if s.device != "cpu" or s.dtype != torch.float32:
+        return "weight-only quantization is measured on the CPU, from the float32 model"
+    return None
 
 
 def ours_decode(model: GPT2, x: torch.Tensor, n: int, **kwargs) -> Prepared:
@@ -230,7 +281,8 @@ def _train_step(model, loss_of):
 
 
 def weight_bytes(config: GPT2Config, dtype: torch.dtype) -> int:
-    """Bytes a decode step must read: every weight but the position table (one row of it per token)."""
+    """Bytes a decode step must read: every weight but the position table (one row of it per token), in dtype.
+    For a quantized model the fp32 biases, layer norms and int8 scales it also reads are left out: under 1%."""
     return (config.num_params() - config.n_positions * config.n_embd) * dtype.itemsize
 
 
@@ -239,21 +291,22 @@ def rows(preset: str, s: Setting, measured: list[tuple[Phase, str, Timing]], cei
     config = GPT2Config.from_preset(preset)
     params = config.num_params()
     peak = ceilings["matmul_tflops"][dtype_name(s.dtype)] * 1e12
-    steps_per_s = ceilings["copy_gbps"] * 1e9 / weight_bytes(config, s.dtype)  # decode steps the bandwidth allows
     flops_per_token = {"prefill": 2 * params, "first token": 2 * params, "time to first token": 2 * params,
                        "train step": 6 * params}
     out = []
     for phase, impl, t in measured:
-        if phase.name.startswith("decode"):
-            bound, bound_by = phase.batch * steps_per_s, "copy bandwidth"
+        if phase.name.startswith("decode"):  # decode steps the bandwidth allows, B tokens each
+            weights = weight_bytes(config, WEIGHT_DTYPES.get(impl, s.dtype))
+            bound, bound_by = phase.batch * ceilings["read_gbps"] * 1e9 / weights, "read bandwidth"
         else:
             bound, bound_by = peak / flops_per_token[phase.name], "matmul peak"
         out.append(dict(model=preset, params=params, phase=phase.name, impl=impl, batch=phase.batch,
                         tokens=phase.tokens, median_s=t.median_s, p20_s=t.p20_s, p80_s=t.p80_s, reps=t.reps,
                         tokens_per_s=phase.tokens / t.median_s, bound_tokens_per_s=bound, bound_by=bound_by,
                         fraction_of_bound=phase.tokens / t.median_s / bound))
-    peers = {(r["phase"], r["batch"]): r["median_s"] for r in out if r["impl"] == PEER}
-    for r in out:
-        peer = peers.get((r["phase"], r["batch"]))
-        r["speedup_over_transformers"] = peer / r["median_s"] if peer else None
+    for column, over in SPEEDUPS.items():
+        times = {(r["phase"], r["batch"]): r["median_s"] for r in out if r["impl"] == over}
+        for r in out:
+            over_s = times.get((r["phase"], r["batch"]))
+            r[column] = over_s / r["median_s"] if over_s else None
     return out

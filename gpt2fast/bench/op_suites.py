@@ -145,7 +145,8 @@ def _mlp_flops(x, w_fc, b_fc, w_proj, b_proj):
 @suite("gelu_mlp")
 def gelu_mlp(s: Setting) -> list[Case]:
     # A decode step's rows (where the weights' reading is the cost) and a prefill's.
-    shapes = s.pick(gpu=[(8192, 768, 3072)], cpu=[(1, 768, 3072), (4, 768, 3072), (512, 768, 3072)],
+    shapes = s.pick(gpu=[(8192, 768, 3072)],
+                    cpu=[(1, 768, 3072), (4, 768, 3072), (16, 768, 3072), (64, 768, 3072), (512, 768, 3072)],
                     quick=[(64, 768, 3072)])
     compiled = ("not run with --quick on the CPU: compiling takes longer than the whole run"
                 if s.quick and s.device == "cpu" else Impl(torch.compile(_eager_mlp, dynamic=False)))
@@ -241,7 +242,8 @@ def _linear_bytes(x, weight, bias):
 def linear(s: Setting) -> list[Case]:
     # GPT-2 small's attention input projection, at a decode step's rows and at a prefill's.
     shapes = s.pick(gpu=[(1, 768, 2304), (16, 768, 2304), (8192, 768, 2304)],
-                    cpu=[(1, 768, 2304), (4, 768, 2304), (8, 768, 2304), (256, 768, 2304)], quick=[(1, 768, 2304)])
+                    cpu=[(1, 768, 2304), (4, 768, 2304), (8, 768, 2304), (16, 768, 2304), (64, 768, 2304),
+                         (256, 768, 2304)], quick=[(1, 768, 2304)])
     peers = {"F.linear(x, W.T)": Impl(lambda x, weight, bias: F.linear(x, weight.T, bias))}  # what nn.Linear runs
 
     def make_args(rows, width, out):
@@ -260,7 +262,8 @@ def _lm_head_bytes(x, weight):
 
 @suite("lm_head")
 def lm_head(s: Setting) -> list[Case]:
-    shapes = s.pick(gpu=[(1, 768), (16, 768), (1, 1600)], cpu=[(1, 768), (4, 768), (8, 768)], quick=[(1, 768)])
+    shapes = s.pick(gpu=[(1, 768), (16, 768), (1, 1600)], cpu=[(1, 768), (4, 768), (8, 768), (16, 768), (64, 768)],
+                    quick=[(1, 768)])
     peers = {"F.linear": Impl(F.linear)}  # what transformers' lm_head runs
 
     def make_args(rows, width):
@@ -269,3 +272,39 @@ def lm_head(s: Setting) -> list[Case]:
     return [Case("lm_head", f"{rows}x{width}->V{VOCAB}", dict(rows=rows, width=width, V=VOCAB),
                  lambda shape=(rows, width): make_args(*shape), _lm_head_bytes, "bytes", peers)
             for rows, width in shapes]
+
+
+# ---- quantized_linear: weight-only int8 / bf16; a decode step's few rows read the stored weights ----
+
+def _quantized_bytes(x, weight, scale, bias):
+    return nbytes(x, weight, scale, bias) + x.shape[0] * weight.shape[0] * x.element_size()
+
+
+def _int8pack_mm(x, weight, scale, bias):
+    """PyTorch's own int8 weight-only matmul (the kernel torchao's int8 weight-only CPU path calls)."""
+    if weight.dtype != torch.int8:
+        raise TypeError("torch._weight_int8pack_mm takes int8 weights only")
+    y = torch._weight_int8pack_mm(x, weight, scale)
+    return y if bias is None else y + bias
+
+
+@suite("quantized_linear")
+def quantized_linear(s: Setting) -> list[Case]:
+    # GPT-2 small's attention input projection and its LM head, at a decode step's rows (1, 16 and 64
+    # sequences), int8 with its scales and bf16; the fp32 matmul of the same shape is the `linear` suite.
+    shapes = s.pick(gpu=[(1, 768, 2304), (16, 768, 2304), (64, 768, 2304), (1, 768, VOCAB)],
+                    cpu=[(1, 768, 2304), (16, 768, 2304), (64, 768, 2304), (1, 768, VOCAB)], quick=[(1, 768, 2304)])
+    peers = {"torch._weight_int8pack_mm": Impl(_int8pack_mm)}
+
+    def make_args(rows, width, out, scheme):
+        x, bias = s.randn(rows, width), s.randn(out)
+        if scheme == "bf16":
+            return x, s.randn(out, width, scale=width**-0.5).to(torch.bfloat16), None, bias
+        q = torch.randint(-127, 128, (out, width), dtype=torch.int8, device=x.device)
+        return x, q, torch.rand(out, device=x.device) / (127 * width**0.5), bias
+
+    return [Case("quantized_linear", f"{scheme} {rows}x{width}->{out}",
+                 dict(rows=rows, width=width, out=out, weights=scheme),
+                 lambda shape=(rows, width, out, scheme): make_args(*shape), _quantized_bytes, "bytes",
+                 peers if scheme == "int8" else {})
+            for scheme in ("int8", "bf16") for rows, width, out in shapes]

@@ -104,10 +104,14 @@ def _header(record: dict) -> str:
     driver = f", driver {device['driver']}" if device.get("driver") else ""
     n = limits["matmul_n"]
     peaks = ", ".join(f"{dtype} {tflops:.3g}" for dtype, tflops in limits["matmul_tflops"].items())
+    # Records from before the read bandwidth was measured have the copy bandwidth only.
+    read = (f"read bandwidth **{limits['read_gbps']:.1f} GB/s** ({limits['read_bytes'] >> 20} MiB sum, read only); "
+            if "read_gbps" in limits else "")
     return (f"### {device['name']}{driver}, {settings['dtype']}{' (--quick)' if settings['quick'] else ''}\n\n"
             f"Recorded {env['date']} at commit {env['commit']}; {versions}. "
             f"Ceilings measured in the same run: copy bandwidth **{limits['copy_gbps']:.1f} GB/s** "
-            f"({limits['copy_bytes'] >> 20} MiB copy_, read + write); matmul peak in TFLOP/s ({n}x{n}): {peaks}. "
+            f"({limits['copy_bytes'] >> 20} MiB copy_, read + write); {read}"
+            f"matmul peak in TFLOP/s ({n}x{n}): {peaks}. "
             f"Times: {record['timing']['statistics']}; ops timed with {record['timing']['ops']}.")
 
 
@@ -124,12 +128,16 @@ def _op_table(op: str, rows: list[dict]) -> str:
 
 
 def _e2e_table(rows: list[dict]) -> str:
+    # The speed-up over CTranslate2 where it ran (records from before it have no such column).
+    speedups = {"speedup_over_transformers": "vs transformers"} | (
+        {"speedup_over_ctranslate2_float32": "vs ctranslate2 float32"}
+        if any(r.get("speedup_over_ctranslate2_float32") for r in rows) else {})
     header = ["model", "phase", "implementation", "batch", "time", "p20–p80", "tokens/s", "bound tokens/s",
-              "of bound", "vs transformers"]
+              "of bound", *speedups.values()]
     lines = [[r["model"], r["phase"], r["impl"], str(r["batch"]), _time(r["median_s"]),
               f"{_time(r['p20_s'])} – {_time(r['p80_s'])}", f"{r['tokens_per_s']:,.1f}",
               f"{r['bound_tokens_per_s']:,.0f} ({r['bound_by']})", f"{100 * r['fraction_of_bound']:.1f}%",
-              _ratio(r["speedup_over_transformers"])] for r in rows]
+              *(_ratio(r[column]) for column in speedups)] for r in rows]
     return ("#### End to end (random weights of each preset's real size; for the training step the fraction "
             "of the bound is the MFU)\n\n" + _table(header, lines, 3))
 

@@ -36,7 +36,10 @@ def main(args) -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
-    s = Setting(args.device, getattr(torch, args.dtype) if args.dtype else DEFAULT_DTYPE[args.device], args.quick)
+    if args.prompt_tokens is not None and args.prompt_tokens < 1:
+        raise ValueError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
+    s = e2e.E2ESetting(args.device, getattr(torch, args.dtype) if args.dtype else DEFAULT_DTYPE[args.device],
+                       args.quick, prompt_tokens=args.prompt_tokens)
     ops = [] if args.ops == "none" else _choose(args.ops, list(SUITES), "op")
     models = [] if args.models == "none" else _choose(args.models, list(PRESETS), "model", DEFAULT_MODELS[s.device])
     # The reference is always measured: every speed-up is over it.
@@ -108,6 +111,7 @@ def run(ops: list[str], models: list[str], s: Setting, backends=None, progress: 
             "settings": {"device": s.device, "dtype": dtype_name(s.dtype), "quick": s.quick, "ops": ops,
                          "backends": list(backends), "models": models,
                          **({"decode_batches": list(decode_batches)} if decode_batches else {}),
+                         **({"prompt_tokens": s.prompt_tokens} if getattr(s, "prompt_tokens", None) else {}),
                          **({"phases": list(phase_names)} if list(phase_names) != list(e2e.PHASES) else {}),
                          **({"budget_s": budget_s} if budget_s is not None else {})},
             "timing": {"ops": method(s.device), "end_to_end": "time.perf_counter around each call, device synchronised",
@@ -156,8 +160,8 @@ class Deadline:
 
 def measure_model(model: str, phases: list[e2e.Phase], s: Setting, limits: dict, bar,
                   deadline: Deadline) -> tuple[list[dict], list[dict]]:
-    """Time every phase of one model, gpt2fast and transformers; an implementation not run in this setting,
-    or that fails a phase (out of memory at a large batch, say), is recorded as skipped and the run goes on."""
+    """Time every phase of one model, gpt2fast and its peers; an implementation not run in this setting, or
+    that fails a phase (out of memory at a large batch, say), is recorded as skipped and the run goes on."""
     measured, skipped = [], []
     for phase in phases:
         bar.set_description(f"{model} {phase.name} batch {phase.batch}")
