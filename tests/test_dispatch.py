@@ -480,6 +480,8 @@ def small_args(op):
         "linear_cross_entropy": (r(3, 8), r(11, 8), torch.tensor([0, -100, 10]), -100, "mean"),
         "linear": (r(2, 8), r(8, 5), r(5)),
         "lm_head": (r(2, 8), r(11, 8)),
+        "quantized_linear": (r(2, 8), torch.randint(-127, 128, (5, 8), dtype=torch.int8, generator=g), r(5).abs(),
+                             r(5)),
     }[op]
 
 
@@ -488,10 +490,11 @@ CPU_ARRANGED = ("linear", "lm_head", "gelu_mlp", "decode_attention")
 
 @pytest.mark.parametrize("op", registry.OPS)
 def test_auto_on_the_cpu_runs_what_the_cpu_benchmarks_ranked(op):
-    """The C++ sampler of gpt2fast._C where it is built, torch_cpu for a decode step's matmuls and attention,
-    else the reference."""
+    """The C++ sampler and quantized matmul of gpt2fast._C where it is built, torch_cpu for a decode step's matmuls
+    and attention, else the reference."""
     native = ops.backends()["native"].unavailable_reason() is None
-    expected = "native" if op == "sample" and native else "torch_cpu" if op in CPU_ARRANGED else "torch"
+    in_native = op in ("sample", "quantized_linear") and native
+    expected = "native" if in_native else "torch_cpu" if op in CPU_ARRANGED else "torch"
     with gpt2fast.use_backend("auto"):
         assert registry.resolve(op, "cpu", small_args(op), {}) is ops.backends()[expected].impls[op].fn
 
@@ -516,6 +519,8 @@ def valid_kwargs(op):
         "linear_cross_entropy": lambda: dict(x=t(3, 8), weight=t(11, 8), targets=torch.tensor([0, -100, 10])),
         "linear": lambda: dict(x=t(2, 8), weight=t(8, 5), bias=t(5)),
         "lm_head": lambda: dict(x=t(2, 8), weight=t(11, 8)),
+        "quantized_linear": lambda: dict(x=t(2, 8), weight=torch.randint(-127, 128, (5, 8), dtype=torch.int8),
+                                         scale=t(5).abs(), bias=t(5)),
     }[op]()
 
 

@@ -47,16 +47,22 @@ AUTO_ORDER: dict[str, list[str]] = {"cuda": [REFERENCE], "cpu": [REFERENCE]}
 AUTO_ORDER_BY_OP: dict[tuple[str, str], list[str]] = {
     # The C++ sampler: 7.8x, 5.2x and 5.4x the reference at batch 1, 16 and 64, V = 50257, top-p 0.9.
     ("cpu", "sample"): ["native", REFERENCE],
-    # PyTorch arranged for the CPU, for the inputs it takes (torch_cpu_backend.py): 1.2-1.5x at 4 and 8 rows for
-    # linear and gelu_mlp, 1.0-1.5x for lm_head at 1 to 8 rows (four runs), 5-7x for decode_attention at B = 4.
+    # PyTorch arranged for the CPU, for the inputs it takes (torch_cpu_backend.py): split-K at 4 and 8 rows and
+    # oneDNN on packed weights at 16 and 64, 1.2-1.3x for linear and gelu_mlp; oneDNN for the LM head, 1.0x at one
+    # row, 1.2-2.0x at 4 to 64; 5-7x for decode_attention at B = 4.
     ("cpu", "linear"): ["torch_cpu", REFERENCE],
     ("cpu", "gelu_mlp"): ["torch_cpu", REFERENCE],
     ("cpu", "lm_head"): ["torch_cpu", REFERENCE],
     ("cpu", "decode_attention"): ["torch_cpu", REFERENCE],
+    # The C++ weight-only matmul: int8 14x, 2.6x and 1.4x the reference (dequantize, then matmul) at 1, 16 and 64
+    # rows (768 -> 2304), 100x for the LM head at one row; bf16 6.7x, 3.5x, 0.9x (a tie) and 28x.
+    ("cpu", "quantized_linear"): ["native", REFERENCE],
 }
 CPU_RECORD = "benchmarks/results/bench-cpu-intel-r-xeon-r-processor-20261206-114405.json"
+CPU_MATMUL_RECORD = "benchmarks/results/bench-cpu-intel-r-xeon-r-processor-20261206-134248.json"
 AUTO_EVIDENCE: dict[tuple[str, str], tuple[str, ...]] = {
-    key: (CPU_RECORD,) for key in AUTO_ORDER_BY_OP}
+    key: (CPU_MATMUL_RECORD if key[1] in ("linear", "gelu_mlp", "lm_head", "quantized_linear") else CPU_RECORD,)
+    for key in AUTO_ORDER_BY_OP}
 
 
 def auto_order(device_type: str, op: str) -> list[str]:
