@@ -155,6 +155,16 @@ def test_packed_linear_weights_follow_in_place_writes():
             w.mul_(-2)
 
 
+def test_a_square_weight_used_as_linear_and_as_lm_head_keeps_both_copies():
+    """linear packs weight.T, the LM head the weight itself: neither may serve the other."""
+    x, w = randn(ONEDNN_MIN_ROWS, 32, seed=26), randn(32, 32, seed=27)
+    for _ in range(2):
+        with torch.no_grad(), gpt2fast.use_backend("torch_cpu"):
+            assert _runs_on_torch_cpu("linear", x, w) and _runs_on_torch_cpu("lm_head", x, w)
+            assert_close(ops.linear(x, w), x.double() @ w.double())
+            assert_close(ops.lm_head(x, w), x.double() @ w.double().T)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused_adamw"])
 def test_lm_head_copy_follows_optimizer_steps(fused, rows):
     """Fused AdamW on the CPU writes the weights without bumping their version counter."""

@@ -46,7 +46,7 @@ def _rows(x: torch.Tensor) -> int:
 
 
 def _inference_copy_reason(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
-    """Why a copy of `weight` made once and kept (packed, transposed) may not stand for it here, or None."""
+    """Why a copy of `weight` made once and kept (packed for oneDNN) may not stand for it here, or None."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return "inputs that require grad (a weight's kept copy is for inference; training uses the weight itself)"
     if weight.is_inference():
@@ -80,7 +80,8 @@ def _matmul_reason(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
 
 # ---- copies of a weight kept for inference, packed for oneDNN ----
 
-# weight -> {kind: (weak reference to its storage, key, copy)}, dropped with the weight.
+# weight -> {kind: (weak reference to its storage, key, copy)}, dropped with the weight. One weight may serve as
+# a linear's [in, out] and as an LM head's [out, in] (a square one): each kind is its own copy.
 _COPIES = WeakIdKeyDictionary()
 
 
@@ -142,7 +143,7 @@ def _split_k(x, weight, bias=None):
 
 
 def _packed_conv1d(weight: torch.Tensor) -> torch.Tensor:
-    return _kept_copy(weight, "onednn", lambda w: _packed(w.t()))  # [in, out] -> oneDNN's packed [out, in]
+    return _kept_copy(weight, "packed transposed", lambda w: _packed(w.t()))  # [in, out] -> packed [out, in]
 
 
 @register("linear", NAME, supports=lambda x, weight, bias=None: _matmul_reason(x, weight))
@@ -176,7 +177,7 @@ def _lm_head_supports(x, weight) -> Optional[str]:
 def lm_head(x, weight):
     """oneDNN on a packed copy of wte, made once: 1.8-1.9x F.linear at 4 and 8 rows on the 2-core Xeon, 1.3-1.5x
     at 16, as fast at one row (where the transposed copy this replaced was no faster either)."""
-    return _onednn_linear(x, _kept_copy(weight, "onednn", _packed), None)
+    return _onednn_linear(x, _kept_copy(weight, "packed", _packed), None)
 
 
 # ---- decode_attention: each sequence attends to its own prefix ----
