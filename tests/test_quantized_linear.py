@@ -111,8 +111,12 @@ def test_auto_runs_the_cpu_kernel_and_falls_back_by_reason(caplog, fresh_log):
     with caplog.at_level(logging.INFO, logger="gpt2fast"), gpt2fast.use_backend("native"):
         y = ops.quantized_linear(x.bfloat16(), weight, scale)  # bf16 activations: the kernel takes fp32 only
         g = ops.quantized_linear(x.clone().requires_grad_(), weight, scale)  # no backward in the kernel
+        bf16 = torch.randn(8, 32).bfloat16().requires_grad_()
+        gw = ops.quantized_linear(x, bf16)  # a bf16 weight can require grad too
     assert_close(y, expected(x.bfloat16(), weight, scale, None), scale=2)
     g.sum().backward()  # the reference ran, with autograd
+    gw.sum().backward()
+    assert_close(bf16.grad.double(), x.double().sum(0).expand(8, 32), dtype=torch.bfloat16)
     messages = " ".join(fallback_records(caplog))
     assert "x of dtype torch.bfloat16" in messages and "require grad" in messages
 

@@ -214,7 +214,7 @@ def _quantized_linear_supports(x, weight, scale=None, bias=None) -> Optional[str
     rows = x.numel() // max(x.shape[-1], 1)
     if rows > QUANTIZED_MAX_ROWS:
         return f"{rows} rows (the CPU kernel is for a decode step's, up to {QUANTIZED_MAX_ROWS}; BLAS is faster past)"
-    return _refusal("quantized_linear_native", x, x, *(t for t in (scale, bias) if t is not None))
+    return _refusal("quantized_linear_native", x, *(t for t in (x, weight, scale, bias) if t is not None))
 
 
 @register("quantized_linear", NAME, supports=_quantized_linear_supports)
