@@ -187,20 +187,14 @@ def _require_file(path: Path) -> None:
         raise ValueError(f"{path} is not a file")
 
 
-def _read_quantization(path: Path) -> str | None:
-    try:
-        return quantization_from_hf(_read_json_object(path))
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-def _read_config(path: Path) -> GPT2Config:
+def _read_config(path: Path) -> tuple[GPT2Config, str | None]:
+    """The config, and the weights' scheme where gpt2fast quantized them (see quantization_from_hf)."""
     hf = _read_json_object(path)
     missing = [key for key in REQUIRED_CONFIG_KEYS if key not in hf]
     if missing:
         raise ValueError(f"{path} lacks the required keys {missing}")
     try:
-        return config_from_hf(hf)
+        return config_from_hf(hf), quantization_from_hf(hf)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
@@ -331,8 +325,7 @@ def from_pretrained(name_or_path, dtype: torch.dtype | None = None, device=None,
     """weights: None keeps the checkpoint's (plain, or as gpt2fast quantized them); "int8" or "bf16" quantizes
     plain weights after loading (see gpt2fast.quantize), or asks for what a quantized checkpoint holds."""
     folder = _checkpoint_folder(name_or_path)
-    config = _read_config(folder / "config.json")
-    stored = _read_quantization(folder / "config.json")
+    config, stored = _read_config(folder / "config.json")
     if weights is not None and stored is not None and weights != stored:
         raise ValueError(f"{folder} holds {stored} weights; weights={weights!r} asks for others (load the plain "
                          f"checkpoint to quantize it another way)")
