@@ -594,10 +594,21 @@ void quantized_linear_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const at::Tensor s = scale.has_value() ? scale->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t M = x2.size(0);
-  // Each thread streams its own contiguous share of the weight rows, 64 at a time at least.
-  constexpr int64_t rows_per_task = 64;
+  // Many rows: the kernel reads x transposed, zero past row M.
+  const int64_t ldx = gpt2fast::quantized_linear_cpu_xt_stride(M, chosen);
+  at::Tensor xt;
+  if (ldx > 0) {
+    xt = at::empty({K, ldx}, x2.options());
+    at::parallel_for(0, K, 256, [&](int64_t begin, int64_t end) {
+      gpt2fast::quantized_linear_cpu_transpose(x2.data_ptr<float>(), M, K, xt.data_ptr<float>(), ldx, begin, end);
+    });
+  }
+  // Each thread streams its own contiguous share of the weight rows, 96 at a time at least (a multiple of every
+  // tile's weight rows).
+  constexpr int64_t rows_per_task = 96;
   at::parallel_for(0, (N + rows_per_task - 1) / rows_per_task, 1, [&](int64_t begin, int64_t end) {
-    gpt2fast::quantized_linear_cpu(x2.data_ptr<float>(), M, K, w.data_ptr(), type,
+    gpt2fast::quantized_linear_cpu(x2.data_ptr<float>(), ldx > 0 ? xt.data_ptr<float>() : nullptr, ldx, M, K,
+                                   w.data_ptr(), type,
                                    s.defined() ? s.data_ptr<float>() : nullptr,
                                    b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(), N,
                                    begin * rows_per_task, std::min(N, end * rows_per_task), chosen);
@@ -700,4 +711,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (int i = 0; i <= static_cast<int>(gpt2fast::quantized_linear_cpu_best_isa()); ++i) isas.push_back(kIsaNames[i]);
     return isas;
   }, "The vector instructions the CPU quantized_linear kernel can run with here, the widest (its choice) last.");
+  m.def("quantized_linear_form", [](int64_t rows, const std::string& isa) {
+    return std::string(gpt2fast::quantized_linear_cpu_xt_stride(rows, cpu_isa(isa)) > 0 ? "broadcast" : "dot");
+  }, "Which form the CPU quantized_linear kernel's build `isa` takes for this many rows of x: 'dot' (dot products "
+     "along the weight rows) or 'broadcast' (x transposed, each weight broadcast to a vector of rows).");
 }

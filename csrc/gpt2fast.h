@@ -38,9 +38,15 @@ enum class CpuIsa : int32_t { Portable = 0, Avx2 = 1, Avx512 = 2 };
 // y[m, n] = (x[m] . w[n]) * scale[n] + bias[n] for m < M and n_begin <= n < n_end, summed in fp32: x fp32
 // [M, K] dense; w [N, K] dense, one output channel per row, of `type`; scale and bias fp32 [N], or null
 // (1 and 0); y fp32 [M, N] dense. Threads take disjoint ranges of n. isa must be one this CPU runs.
-void quantized_linear_cpu(const float* x, int64_t M, int64_t K, const void* w, WeightType type,
-                          const float* scale, const float* bias, float* y, int64_t N, int64_t n_begin,
-                          int64_t n_end, CpuIsa isa);
+// With ldx = quantized_linear_cpu_xt_stride(M, isa) nonzero, the kernel reads x as xt, its transpose
+// [K, ldx] with zeros in the columns from M (x may be null); with ldx 0 it reads x (xt may be null).
+void quantized_linear_cpu(const float* x, const float* xt, int64_t ldx, int64_t M, int64_t K, const void* w,
+                          WeightType type, const float* scale, const float* bias, float* y, int64_t N,
+                          int64_t n_begin, int64_t n_end, CpuIsa isa);
+int64_t quantized_linear_cpu_xt_stride(int64_t M, CpuIsa isa);
+// xt[k, m] = x[m, k] for m < M and k_begin <= k < k_end, and 0 for M <= m < ldx: x fp32 [M, K] dense.
+void quantized_linear_cpu_transpose(const float* x, int64_t M, int64_t K, float* xt, int64_t ldx, int64_t k_begin,
+                                    int64_t k_end);
 
 CpuIsa quantized_linear_cpu_best_isa();
 

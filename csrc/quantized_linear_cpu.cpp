@@ -1,15 +1,23 @@
 // Weight-only quantized matmul on the CPU: y = x @ (w * scale[:, None]).T + bias, x and y fp32, w [N, K]
 // int8, bf16 or fp32, one output channel per row.
 //
-// A decode step has few rows, so it is bound by reading the weights: each weight row is streamed once,
-// converted to fp32 in registers, and used for MR rows of x at a time against NR weight rows (MR x NR
-// accumulators of one vector each, dot products along K, reduced across lanes once per tile). The scale and
-// the bias come after the sum over K, so the weights are never dequantized in memory.
+// Two forms, by the rows of x (the tiles' xt_stride picks):
+// - dot (few rows: a decode step at small batch, bound by reading the weights): each weight row is streamed
+//   once, converted to fp32 in registers, and used for MR rows of x at a time against NR weight rows (MR x NR
+//   accumulators of one vector each, dot products along K, reduced across lanes once per tile).
+// - broadcast (from 16 rows, where the multiplies bind): x is transposed once per call, a few weight rows are
+//   converted a chunk of K at a time into an L1 buffer, and each weight is broadcast against vectors of rows
+//   of x, so each weight is converted once for all the rows and nothing is reduced across lanes.
+// The scale and the bias come after the sum over K in both, so the weights are never dequantized in memory.
 //
 // The tiles (quantized_linear_tiles.h) are compiled three times, for AVX-512, for AVX2 + FMA and portably;
 // the caller picks one the CPU runs (quantized_linear_cpu_best_isa: the widest, by __builtin_cpu_supports).
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <limits>
+#include <memory>
+#include <type_traits>
 
 #include "gpt2fast.h"
 
@@ -44,7 +52,13 @@ inline Vec zero() { return 0.f; }
 inline Vec fma(Vec a, Vec b, Vec acc) { return acc + a * b; }
 template <typename T>
 inline Vec load(const T* p) { return to_float(*p); }
+inline void store(float* p, Vec v) { *p = v; }
+inline Vec broadcast(const float* p) { return *p; }
 inline float sum_lanes(Vec v) { return v; }
+// The dot-product form only: one lane gains nothing from the other.
+constexpr int64_t kBroadcastMinRows = std::numeric_limits<int64_t>::max();
+constexpr int kBroadcastMaxVectors = 1;
+constexpr int kBroadcastChannels[] = {0, 1};
 #include "quantized_linear_tiles.h"
 }  // namespace portable
 
@@ -65,6 +79,12 @@ inline Vec load(const uint16_t* p) {
   const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
 }
+inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+// Many rows: 16 at a time (2 vectors) against 6 weight rows: 12 accumulators.
+constexpr int64_t kBroadcastMinRows = 16;
+constexpr int kBroadcastMaxVectors = 2;
+constexpr int kBroadcastChannels[] = {0, 12, 6};
 inline float sum_lanes(Vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -90,6 +110,12 @@ inline Vec load(const uint16_t* p) {
   const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
 }
+inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
+// Many rows: up to 64 at a time (4 vectors), against 24 / V weight rows: 24 accumulators.
+constexpr int64_t kBroadcastMinRows = 16;
+constexpr int kBroadcastMaxVectors = 4;
+constexpr int kBroadcastChannels[] = {0, 24, 12, 8, 6};
 inline float sum_lanes(Vec v) { return _mm512_reduce_add_ps(v); }
 #include "quantized_linear_tiles.h"
 }  // namespace avx512
@@ -106,14 +132,33 @@ CpuIsa quantized_linear_cpu_best_isa() {
   return CpuIsa::Portable;
 }
 
-void quantized_linear_cpu(const float* x, int64_t M, int64_t K, const void* w, WeightType type,
-                          const float* scale, const float* bias, float* y, int64_t N, int64_t n_begin,
-                          int64_t n_end, CpuIsa isa) {
+void quantized_linear_cpu_transpose(const float* x, int64_t M, int64_t K, float* xt, int64_t ldx, int64_t k_begin,
+                                    int64_t k_end) {
+  constexpr int64_t kBlock = 64;  // 64 columns of x at a time: the block of xt written is at most 16 KiB
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlock) {
+    const int64_t k1 = std::min(k0 + kBlock, k_end);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = k0; k < k1; ++k) xt[k * ldx + m] = x[m * K + k];
+    for (int64_t k = k0; k < k1; ++k) std::fill(xt + k * ldx + M, xt + (k + 1) * ldx, 0.f);
+  }
+}
+
+int64_t quantized_linear_cpu_xt_stride(int64_t M, CpuIsa isa) {
 #ifdef GPT2FAST_X86
-  if (isa == CpuIsa::Avx512) return avx512::run(x, M, K, w, type, scale, bias, y, N, n_begin, n_end);
-  if (isa == CpuIsa::Avx2) return avx2::run(x, M, K, w, type, scale, bias, y, N, n_begin, n_end);
+  if (isa == CpuIsa::Avx512) return avx512::xt_stride(M);
+  if (isa == CpuIsa::Avx2) return avx2::xt_stride(M);
 #endif
-  portable::run(x, M, K, w, type, scale, bias, y, N, n_begin, n_end);
+  return portable::xt_stride(M);
+}
+
+void quantized_linear_cpu(const float* x, const float* xt, int64_t ldx, int64_t M, int64_t K, const void* w,
+                          WeightType type, const float* scale, const float* bias, float* y, int64_t N,
+                          int64_t n_begin, int64_t n_end, CpuIsa isa) {
+#ifdef GPT2FAST_X86
+  if (isa == CpuIsa::Avx512) return avx512::run(x, xt, ldx, M, K, w, type, scale, bias, y, N, n_begin, n_end);
+  if (isa == CpuIsa::Avx2) return avx2::run(x, xt, ldx, M, K, w, type, scale, bias, y, N, n_begin, n_end);
+#endif
+  portable::run(x, xt, ldx, M, K, w, type, scale, bias, y, N, n_begin, n_end);
 }
 
 }  // namespace gpt2fast

@@ -75,14 +75,32 @@ def isas():
     return _C.quantized_linear_isas()
 
 
+# The kernel's own cases: few rows (its dot-product form) and many (its broadcast form, x transposed): 16 rows
+# of width 77 (one tile of rows, a single chunk of K), 28 of 1600 (K in chunks with a short last one; 20 weight
+# rows, not whole tiles), 64 of 300 by 97 (a block of outputs and one row past it), 100 of 768 (two tiles of
+# rows, the last padded).
+BUILD_SHAPES = [((1, 768), 2304), ((7, 77), 67), ((13, 1600), 20), ((16, 77), 100), ((28, 1600), 20),
+                ((64, 300), 97), ((100, 768), 30)]
+# The kernel also reads fp32 weights (in place, where a tile's weight rows are whole), which the op refuses.
+BUILD_WEIGHTS = {**WEIGHTS, "fp32": lambda n, k, seed: (randn(n, k, seed=seed, scale=k ** -0.5), None)}
+
+
+@pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
+def test_the_build_cases_take_both_forms_of_every_vector_build():
+    from gpt2fast import _C
+    for isa in isas():
+        forms = {_C.quantized_linear_form(shape[0], isa) for shape, _ in BUILD_SHAPES}
+        assert forms == ({"dot"} if isa == "portable" else {"dot", "broadcast"}), isa
+
+
 @pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("scheme", WEIGHTS)
-@pytest.mark.parametrize("shape,n", [((1, 768), 2304), ((7, 77), 67), ((13, 1600), 20)], ids=str)
+@pytest.mark.parametrize("scheme", BUILD_WEIGHTS)
+@pytest.mark.parametrize("shape,n", BUILD_SHAPES, ids=str)
 def test_every_cpu_build_writes_every_output(shape, n, scheme, threads):
     """Each build this CPU runs, the output poisoned with NaN first; rows shared among 1 to 3 threads."""
     x = randn(*shape, seed=7)
-    weight, scale = WEIGHTS[scheme](n, shape[-1], 8)
+    weight, scale = BUILD_WEIGHTS[scheme](n, shape[-1], 8)
     bias = randn(n, seed=9)
     want = expected(x, weight, scale, bias)
     before = torch.get_num_threads()
