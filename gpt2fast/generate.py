@@ -256,7 +256,9 @@ def _held_decoder(model: Transformer, batch: int, capacity: int, **settings) -> 
             decoder.busy = False
             live[0] -= 1
             if live[0] == 0:
-                del _LIVE[model]
+                # Popped, not deleted: collected in one cycle with its model, a generation ends after the
+                # model's entry is gone.
+                _LIVE.pop(model, None)
                 model.train(live[1])
 
 

@@ -368,6 +368,24 @@ def test_set_backend_holds_for_a_seeded_generation_in_a_worker_thread(model):
     assert there[0] == "torch" and torch.equal(there[1], here)
 
 
+def test_an_unfinished_stream_collected_with_its_model_ends_quietly(monkeypatch):
+    """A reference cycle (here the model holding its own stream) is collected at once: the model's weak entries
+    are cleared before the stream's cleanup runs, which must not raise."""
+    import gc
+    import sys
+
+    from gpt2fast import GPT2, GPT2Config
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    model = GPT2(GPT2Config(vocab_size=V, n_positions=N_POSITIONS, n_embd=32, n_head=2, n_layer=1))
+    tokens = model.stream(random_ids(V, 1, 3), 5, do_sample=False)
+    next(tokens)
+    model.pending = tokens
+    del model, tokens
+    gc.collect()
+    assert [u.exc_value for u in unraisable] == []
+
+
 def test_training_mode_comes_back_after_the_last_of_interleaved_streams(model):
     model.train()
     try:
