@@ -353,7 +353,11 @@ def test_bad_sampling_parameters_are_rejected(backend, params, match):
     (torch.tensor([[1, 2, 3]]), TypeError, "floating point"),
     (torch.tensor([[0.1, math.nan, 0.3]]), ValueError, "NaN"),
     (torch.tensor([[0.1, 0.2], [-INF, -INF]]), ValueError, "all -inf"),
-], ids=["1d", "3d", "empty", "int", "nan", "all_neginf"])
+    # NaN beside +inf, NaN in a row otherwise all -inf, NaN in a low-precision row: each still named as NaN
+    (torch.tensor([[0.3, 0.1], [INF, math.nan]]), ValueError, "NaN"),
+    (torch.tensor([[-INF, math.nan, -INF]]), ValueError, "NaN"),
+    (torch.tensor([[0.5, math.nan, 0.25]], dtype=torch.bfloat16), ValueError, "NaN"),
+], ids=["1d", "3d", "empty", "int", "nan", "all_neginf", "nan_and_inf", "nan_and_neginf", "nan_bf16"])
 @pytest.mark.parametrize("temperature", [1.0, 0.0], ids=["sampled", "greedy"])
 def test_bad_logits_are_rejected(backend, logits, error, match, temperature):
     with gpt2fast.use_backend(backend), pytest.raises(error, match=match):

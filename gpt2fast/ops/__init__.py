@@ -140,9 +140,13 @@ def _check_lengths(lengths: torch.Tensor, n_queries: int, capacity: int) -> None
 
 
 def _check_logit_values(logits: torch.Tensor) -> None:
-    """No NaN, and in every row a logit above -inf: checked here, so that no backend draws from such a row."""
-    _require(~torch.isnan(logits).any(), "sample: logits contain NaN")
-    _require((logits > -math.inf).any(dim=-1).all(), "sample: a row of logits is all -inf, so no token can be drawn")
+    """No NaN, and in every row a logit above -inf: checked here, so that no backend draws from such a row.
+
+    Both from the rows' maxima, one pass over the logits: a row's max is NaN where the row holds a NaN (amax
+    propagates NaN), and -inf only where the whole row is."""
+    row_max = logits.amax(dim=-1)
+    _require(~torch.isnan(row_max).any(), "sample: logits contain NaN")
+    _require((row_max > -math.inf).all(), "sample: a row of logits is all -inf, so no token can be drawn")
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
