@@ -155,9 +155,10 @@ inline int64_t padded_rows(int64_t M) {
 }
 
 // The row stride of xt for the many-rows form, or 0 for the dot-product form. The broadcast form costs the
-// same for every lane of a tile, rows or padding, and takes about 3/4 of the dot-product form's time per row
-// (AVX-512 and AVX2 builds on a 2-core Xeon, gpt2's matmuls): it pays from 16 rows when more than 3/4 of its
-// lanes hold rows (24 rows in tiles of 32 lost by 9%; 28 gained 3%, 40 of 48 gained 6%).
+// same for every lane of a tile, rows or padding, and took about 0.8 of the dot-product form's time per row at
+// 32 and 64 rows, 0.9 at 16 (AVX-512 build on a 2-core Xeon, gpt2's matmuls; the AVX2 build 0.6-0.7 there): it
+// pays from 16 rows when more than 3/4 of its lanes hold rows (24 rows in tiles of 32 lost by 9%; 28 gained 3%,
+// 40 of 48 gained 6%).
 inline int64_t xt_stride(int64_t M) {
   if (M < kBroadcastMinRows || 4 * M <= 3 * padded_rows(M)) return 0;
   return padded_rows(M);
