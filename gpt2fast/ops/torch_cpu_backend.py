@@ -192,15 +192,20 @@ def decode_attention(q, k_cache, v_cache, lengths, k_new=None, v_new=None):
     """The lengths are at hand on the CPU: each sequence attends to its own prefix and never touches the
     rest of the cache (10x faster than masking the whole cache, measured at B=4, cache 512); sequences of one
     length, all at once (a loop over 64 of them took a fifth of a decode step of gpt2 at batch 64)."""
+    sizes = lengths.tolist()
+    one_length = len(set(sizes)) == 1  # the sequences of a batch decoded together keep one length
     if k_new is not None:
-        reference.append_kv(k_cache, v_cache, lengths, k_new, v_new)
+        if one_length:  # the same positions in every sequence: a slice copy, no index tensor and scatter
+            end, start = sizes[0], sizes[0] - k_new.shape[2]
+            k_cache[:, :, start:end], v_cache[:, :, start:end] = k_new, v_new
+        else:
+            reference.append_kv(k_cache, v_cache, lengths, k_new, v_new)
     if q.dtype in reference._LOW_PRECISION:
         return decode_attention(*reference._fp32(q, k_cache, v_cache), lengths).to(q.dtype)
-    lengths = lengths.tolist()
-    if len(set(lengths)) == 1:  # the sequences of a batch decoded together keep one length: one call for all
-        return _attend_prefix(q, k_cache, v_cache, lengths[0])
+    if one_length:  # one call for all
+        return _attend_prefix(q, k_cache, v_cache, sizes[0])
     return torch.cat([_attend_prefix(q[b:b + 1], k_cache[b:b + 1], v_cache[b:b + 1], n)
-                      for b, n in enumerate(lengths)])
+                      for b, n in enumerate(sizes)])
 
 
 def _attend_prefix(q, k_cache, v_cache, length: int):
