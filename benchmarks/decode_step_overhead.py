@@ -1,6 +1,6 @@
 """The fixed cost of a decode step: gpt2's 12 layers at width 64 (and a 64-token vocabulary), where the matmuls
 and the attention cost next to nothing, so what is left is Python, the ops' checks and dispatch, and the small
-torch calls around them. Greedy, batch 1, eager, on the CPU; best of --rounds runs of --steps steps.
+torch calls around them. Greedy, batch 1, eager, on the CPU; best of --rounds streams of --steps steps.
 
     python benchmarks/decode_step_overhead.py [--steps 50] [--rounds 5] [--out benchmarks/results/...json]
 """
@@ -18,18 +18,17 @@ from gpt2fast.env_info import environment
 
 
 def ms_per_step(model: GPT2, steps: int, rounds: int) -> float:
+    """Best of `rounds` streams: each one's prefill and first 5 steps untimed, then `steps` steps timed."""
     x = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    tokens = model.stream(x, 20 + steps * rounds + 1, do_sample=False)
-    try:
-        for _ in range(20):  # the prefill, then warm steps
+    best = float("inf")
+    for _ in range(rounds):
+        tokens = model.stream(x, 6 + steps, do_sample=False)
+        for _ in range(6):
             next(tokens)
-        best = float("inf")
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for _ in range(steps):
-                next(tokens)
-            best = min(best, (time.perf_counter() - start) / steps)
-    finally:
+        start = time.perf_counter()
+        for _ in range(steps):
+            next(tokens)
+        best = min(best, (time.perf_counter() - start) / steps)
         tokens.close()
     return best * 1e3
 
