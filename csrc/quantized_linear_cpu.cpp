@@ -58,7 +58,7 @@ inline float sum_lanes(Vec v) { return v; }
 // The dot-product form only: one lane gains nothing from the other.
 constexpr int64_t kBroadcastMinRows = std::numeric_limits<int64_t>::max();
 constexpr int kBroadcastMaxVectors = 1;
-constexpr int kBroadcastChannels[] = {0, 1};
+constexpr int kBroadcastChannels[] = {0, 0};
 #include "quantized_linear_tiles.h"
 }  // namespace portable
 
@@ -81,10 +81,11 @@ inline Vec load(const uint16_t* p) {
 }
 inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
-// Many rows: 16 at a time (2 vectors) against 6 weight rows: 12 accumulators.
+// Many rows: 16 at a time (2 vectors) against 6 weight rows: 12 accumulators (one vector, 8 rows, is below
+// the 16 rows the form starts at).
 constexpr int64_t kBroadcastMinRows = 16;
 constexpr int kBroadcastMaxVectors = 2;
-constexpr int kBroadcastChannels[] = {0, 12, 6};
+constexpr int kBroadcastChannels[] = {0, 0, 6};
 inline float sum_lanes(Vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -168,7 +168,10 @@ template <typename W>
 void broadcast_run(const float* xt, int64_t ldx, int64_t M, int64_t K, const W* w, const float* scale,
                    const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   switch (broadcast_vectors(M)) {
-    case 1: return broadcast_columns<kBroadcastChannels[1], 1>(xt, ldx, M, K, w, scale, bias, y, N, n_begin, n_end);
+    case 1:  // a tile of one vector of rows: only where the form starts at that many rows or fewer
+      if constexpr (kBroadcastMinRows <= kLanes)
+        return broadcast_columns<kBroadcastChannels[1], 1>(xt, ldx, M, K, w, scale, bias, y, N, n_begin, n_end);
+      break;
     case 2:
       if constexpr (kBroadcastMaxVectors >= 2)
         return broadcast_columns<kBroadcastChannels[2], 2>(xt, ldx, M, K, w, scale, bias, y, N, n_begin, n_end);
