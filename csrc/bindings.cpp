@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <string>
 
@@ -559,16 +561,29 @@ gpt2fast::WeightType weight_type(at::ScalarType dtype) {
   }
 }
 
-const char* const kIsaNames[] = {"portable", "avx2", "avx512"};  // by gpt2fast::CpuIsa
+const char* const kIsaNames[] = {"portable", "avx2", "avx512", "amx"};  // by gpt2fast::CpuIsa
+const char* const kFormNames[] = {"dot", "broadcast", "amx"};  // by gpt2fast::QuantizedForm
 
 gpt2fast::CpuIsa cpu_isa(const std::string& name) {
   const auto best = gpt2fast::quantized_linear_cpu_best_isa();
-  if (name.empty()) return best;
   for (int i = 0; i <= static_cast<int>(best); ++i) {
     if (name == kIsaNames[i]) return static_cast<gpt2fast::CpuIsa>(i);
   }
   TORCH_CHECK(false, "quantized_linear: isa must be one this CPU runs (up to ", kIsaNames[static_cast<int>(best)],
               "), got '", name, "'");
+}
+
+// The build a call without an isa runs: the widest this CPU runs, or GPT2FAST_CPU_ISA's where that is set (read
+// at each call, so that a benchmark can set it between calls).
+gpt2fast::CpuIsa default_isa() {
+  const char* capped = std::getenv("GPT2FAST_CPU_ISA");
+  if (capped == nullptr || *capped == '\0') return gpt2fast::quantized_linear_cpu_best_isa();
+  const auto best = gpt2fast::quantized_linear_cpu_best_isa();
+  for (int i = 0; i <= static_cast<int>(best); ++i) {
+    if (std::strcmp(capped, kIsaNames[i]) == 0) return static_cast<gpt2fast::CpuIsa>(i);
+  }
+  TORCH_CHECK(false, "GPT2FAST_CPU_ISA must name a build this CPU runs (up to ", kIsaNames[static_cast<int>(best)],
+              "), got '", capped, "'");
 }
 
 void quantized_linear_out_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
@@ -589,29 +604,29 @@ void quantized_linear_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.sizes() == at::IntArrayRef(shape) && out.is_contiguous(),
               "quantized_linear: out must be a contiguous float32 tensor of shape ", at::IntArrayRef(shape), ", got ",
               out.scalar_type(), " ", out.sizes());
-  const gpt2fast::CpuIsa chosen = cpu_isa(isa);
+  const gpt2fast::CpuIsa chosen = isa.empty() ? default_isa() : cpu_isa(isa);
   const at::Tensor x2 = x.reshape({-1, K}).contiguous(), w = weight.contiguous();
   const at::Tensor s = scale.has_value() ? scale->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t M = x2.size(0);
-  // Many rows: the kernel reads x transposed, zero past row M.
-  const int64_t ldx = gpt2fast::quantized_linear_cpu_xt_stride(M, chosen);
-  at::Tensor xt;
-  if (ldx > 0) {
-    xt = at::empty({K, ldx}, x2.options());
-    at::parallel_for(0, K, 256, [&](int64_t begin, int64_t end) {
-      gpt2fast::quantized_linear_cpu_transpose(x2.data_ptr<float>(), M, K, xt.data_ptr<float>(), ldx, begin, end);
+  // Many rows: the kernel reads a copy of x (transposed, or in bf16 parts), packed here a block of columns a task.
+  const gpt2fast::QuantizedForm form = gpt2fast::quantized_linear_cpu_form(M, type, chosen);
+  const int64_t packed_bytes = gpt2fast::quantized_linear_cpu_packed_bytes(M, K, form, chosen);
+  at::Tensor packed;
+  if (packed_bytes > 0) {
+    packed = at::empty({packed_bytes}, x2.options().dtype(at::kByte));
+    at::parallel_for(0, (K + 31) / 32, 8, [&](int64_t begin, int64_t end) {  // blocks of 32 columns
+      gpt2fast::quantized_linear_cpu_pack(x2.data_ptr<float>(), M, K, packed.data_ptr(), begin, end, form, chosen);
     });
   }
   // Each thread streams its own contiguous share of the weight rows, 96 at a time at least (a multiple of every
   // tile's weight rows).
   constexpr int64_t rows_per_task = 96;
   at::parallel_for(0, (N + rows_per_task - 1) / rows_per_task, 1, [&](int64_t begin, int64_t end) {
-    gpt2fast::quantized_linear_cpu(x2.data_ptr<float>(), ldx > 0 ? xt.data_ptr<float>() : nullptr, ldx, M, K,
-                                   w.data_ptr(), type,
-                                   s.defined() ? s.data_ptr<float>() : nullptr,
+    gpt2fast::quantized_linear_cpu(x2.data_ptr<float>(), packed_bytes > 0 ? packed.data_ptr() : nullptr, M, K,
+                                   w.data_ptr(), type, s.defined() ? s.data_ptr<float>() : nullptr,
                                    b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(), N,
-                                   begin * rows_per_task, std::min(N, end * rows_per_task), chosen);
+                                   begin * rows_per_task, std::min(N, end * rows_per_task), form, chosen);
   });
 }
 
@@ -711,8 +726,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (int i = 0; i <= static_cast<int>(gpt2fast::quantized_linear_cpu_best_isa()); ++i) isas.push_back(kIsaNames[i]);
     return isas;
   }, "The vector instructions the CPU quantized_linear kernel can run with here, the widest (its choice) last.");
-  m.def("quantized_linear_form", [](int64_t rows, const std::string& isa) {
-    return std::string(gpt2fast::quantized_linear_cpu_xt_stride(rows, cpu_isa(isa)) > 0 ? "broadcast" : "dot");
-  }, "Which form the CPU quantized_linear kernel's build `isa` takes for this many rows of x: 'dot' (dot products "
-     "along the weight rows) or 'broadcast' (x transposed, each weight broadcast to a vector of rows).");
+  m.def("quantized_linear_form", [](int64_t rows, const std::string& isa, const std::string& weight) {
+    const char* const kWeightNames[] = {"fp32", "int8", "bf16"};  // by gpt2fast::WeightType
+    int type = 0;
+    while (type < 3 && weight != kWeightNames[type]) ++type;
+    TORCH_CHECK(type < 3, "quantized_linear_form: weight must be int8, bf16 or fp32, got '", weight, "'");
+    return std::string(kFormNames[static_cast<int>(gpt2fast::quantized_linear_cpu_form(rows, static_cast<gpt2fast::WeightType>(type), cpu_isa(isa)))]);
+  }, pybind11::arg("rows"), pybind11::arg("isa"), pybind11::arg("weight") = "int8",
+     "Which form the CPU quantized_linear kernel's build `isa` takes for this many rows of x and weights of this type: "
+     "'dot' (dot products along the weight rows), 'broadcast' (x transposed, each weight broadcast to a vector of "
+     "rows) or 'amx' (AMX tiles, x in three bf16 parts).");
 }

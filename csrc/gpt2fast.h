@@ -32,21 +32,27 @@ int64_t sample_row_cpu(const float* logits, int64_t vocab, float temperature, in
 // ---- quantized_linear (CPU): weight-only quantized matmul ----
 
 enum class WeightType : int32_t { Float32 = 0, Int8 = 1, BFloat16 = 2 };
-// The builds of the kernel, by vector instructions: quantized_linear_cpu_best_isa() is the widest this CPU runs.
-enum class CpuIsa : int32_t { Portable = 0, Avx2 = 1, Avx512 = 2 };
+// The builds of the kernel, by instructions: quantized_linear_cpu_best_isa() is the widest this CPU runs. Amx is
+// the AVX-512 build with Intel's AMX tile unit (bf16) for int8 and bf16 weights at many rows.
+enum class CpuIsa : int32_t { Portable = 0, Avx2 = 1, Avx512 = 2, Amx = 3 };
+// How the kernel runs, by the rows of x (see quantized_linear_cpu.cpp): dot products along the weight rows (few
+// rows), weights broadcast against x transposed (many rows), or AMX tiles against x packed in bf16 parts.
+enum class QuantizedForm : int32_t { Dot = 0, Broadcast = 1, Amx = 2 };
 
+QuantizedForm quantized_linear_cpu_form(int64_t M, WeightType type, CpuIsa isa);
+// The bytes of the copy of x that the form reads (0: the dot form reads x itself), written by
+// quantized_linear_cpu_pack a block of 32 of x's columns at a time, blocks [block_begin, block_end) of
+// (K + 31) / 32 (threads may pack disjoint ranges). x fp32 [M, K] dense.
+int64_t quantized_linear_cpu_packed_bytes(int64_t M, int64_t K, QuantizedForm form, CpuIsa isa);
+void quantized_linear_cpu_pack(const float* x, int64_t M, int64_t K, void* packed, int64_t block_begin,
+                               int64_t block_end, QuantizedForm form, CpuIsa isa);
 // y[m, n] = (x[m] . w[n]) * scale[n] + bias[n] for m < M and n_begin <= n < n_end, summed in fp32: x fp32
 // [M, K] dense; w [N, K] dense, one output channel per row, of `type`; scale and bias fp32 [N], or null
-// (1 and 0); y fp32 [M, N] dense. Threads take disjoint ranges of n. isa must be one this CPU runs.
-// With ldx = quantized_linear_cpu_xt_stride(M, isa) nonzero, the kernel reads x as xt, its transpose
-// [K, ldx] with zeros in the columns from M (x may be null); with ldx 0 it reads x (xt may be null).
-void quantized_linear_cpu(const float* x, const float* xt, int64_t ldx, int64_t M, int64_t K, const void* w,
-                          WeightType type, const float* scale, const float* bias, float* y, int64_t N,
-                          int64_t n_begin, int64_t n_end, CpuIsa isa);
-int64_t quantized_linear_cpu_xt_stride(int64_t M, CpuIsa isa);
-// xt[k, m] = x[m, k] for m < M and k_begin <= k < k_end, and 0 for M <= m < ldx: x fp32 [M, K] dense.
-void quantized_linear_cpu_transpose(const float* x, int64_t M, int64_t K, float* xt, int64_t ldx, int64_t k_begin,
-                                    int64_t k_end);
+// (1 and 0); y fp32 [M, N] dense. form = quantized_linear_cpu_form(M, type, isa), and packed the copy of x it
+// reads (null for the dot form). Threads take disjoint ranges of n. isa must be one this CPU runs.
+void quantized_linear_cpu(const float* x, const void* packed, int64_t M, int64_t K, const void* w, WeightType type,
+                          const float* scale, const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end,
+                          QuantizedForm form, CpuIsa isa);
 
 CpuIsa quantized_linear_cpu_best_isa();
 

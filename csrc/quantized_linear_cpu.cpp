@@ -1,17 +1,20 @@
 // Weight-only quantized matmul on the CPU: y = x @ (w * scale[:, None]).T + bias, x and y fp32, w [N, K]
 // int8, bf16 or fp32, one output channel per row.
 //
-// Two forms, by the rows of x (the tiles' xt_stride picks):
+// Three forms, by the rows of x (quantized_linear_cpu_form picks):
 // - dot (few rows: a decode step at small batch, bound by reading the weights): each weight row is streamed
 //   once, converted to fp32 in registers, and used for MR rows of x at a time against NR weight rows (MR x NR
 //   accumulators of one vector each, dot products along K, reduced across lanes once per tile).
 // - broadcast (from 16 rows, where the multiplies bind): x is transposed once per call, a few weight rows are
 //   converted a chunk of K at a time into an L1 buffer, and each weight is broadcast against vectors of rows
 //   of x, so each weight is converted once for all the rows and nothing is reduced across lanes.
-// The scale and the bias come after the sum over K in both, so the weights are never dequantized in memory.
+// - amx (from 8 rows, int8 and bf16 weights, on CPUs with Intel's AMX tile unit): the weights widened to bf16,
+//   x split into three bf16 parts whose sum is x exactly, and the products summed in fp32 by the tile unit.
+// The scale and the bias come after the sum over K in all three, so the weights are never dequantized in memory.
 //
-// The tiles (quantized_linear_tiles.h) are compiled three times, for AVX-512, for AVX2 + FMA and portably;
-// the caller picks one the CPU runs (quantized_linear_cpu_best_isa: the widest, by __builtin_cpu_supports).
+// The tiles of the first two (quantized_linear_tiles.h) are compiled three times, for AVX-512, for AVX2 + FMA
+// and portably; the caller picks a build the CPU runs (quantized_linear_cpu_best_isa: the widest, by
+// __builtin_cpu_supports; "amx" is the AVX-512 build with the amx form).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -123,18 +126,292 @@ inline float sum_lanes(Vec v) { return _mm512_reduce_add_ps(v); }
 #pragma GCC pop_options
 #endif
 
+#if defined(GPT2FAST_X86) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#define GPT2FAST_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16,avx512bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace amx {
+// Many rows on Intel's AMX unit: tdpbf16ps multiplies a 16 x 32 tile of bf16 by a 32 x 16 one and adds the
+// products to a 16 x 16 tile of fp32 sums (each product of two bf16 is exact in fp32). The weights are the left
+// tile (A: 16 weight rows by 32 of K, their own layout), widened from int8 to bf16 (exact: |w| <= 128) or
+// copied when bf16, into a buffer laid out as the tiles read it. x is the right tile (B: pairs of K for 16 rows
+// of x), split into three bf16 parts, x = hi + mid + lo exactly (8 bits of its 24-bit mantissa each): three
+// products per tile, summed in fp32, give what fp32 multiplies would, in another order, at a fraction of
+// their cost. (Tiny parts below bf16's normal range are flushed to zero, as the tile unit does.)
+constexpr int kParts = 3;
+constexpr int64_t kTile = 16;                  // weight rows per tile (A's, C's rows); rows of x per group
+constexpr int64_t kDepth = 32;                 // K per tile: 32 bf16, 64 bytes a row
+constexpr int64_t kBlockBytes = kTile * kDepth * 2;  // one tile: 1 KiB
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline int64_t groups(int64_t M) { return (M + kTile - 1) / kTile; }
+inline int64_t chunks(int64_t K) { return (K + kDepth - 1) / kDepth; }
+// x packed: for each chunk kc of 32 columns, group g of 16 rows and part p, one tile, at block
+// (kc * groups + g) * kParts + p, whose row i holds, for each row m of the group, x[16 g + m][32 kc + 2 i + j]
+// for j = 0, 1 (zero past M and K).
+inline int64_t packed_bytes(int64_t M, int64_t K) { return chunks(K) * groups(M) * kParts * kBlockBytes; }
+
+// r[i] (16 lanes of 32 bits) becomes column i: a 16 x 16 transpose of 32-bit elements.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// The 16 bf16 of the lower (upper) half of v as fp32.
+inline __m512 low_as_float(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+}
+inline __m512 high_as_float(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+}
+// a - b where that is a number, else 0 (what is left of an inf or NaN after its hi part: nothing).
+inline __m512 residual(__m512 a, __m512 b) {
+  const __m512 r = _mm512_sub_ps(a, b);
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);
+}
+
+// Chunks [kc_begin, kc_end) of x, packed.
+void pack(const float* x, int64_t M, int64_t K, uint8_t* packed, int64_t kc_begin, int64_t kc_end) {
+  const int64_t G = groups(M);
+  for (int64_t kc = kc_begin; kc < kc_end; ++kc) {
+    const int64_t k0 = kc * kDepth, cols = std::min(kDepth, K - k0);
+    const __mmask16 lo_mask = static_cast<__mmask16>((1u << std::min<int64_t>(cols, 16)) - 1);
+    const __mmask16 hi_mask = static_cast<__mmask16>(cols > 16 ? (1u << (cols - 16)) - 1 : 0);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512i part[kParts][16];
+      for (int64_t m = 0; m < kTile; ++m) {
+        const int64_t row = g * kTile + m;
+        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+        if (row < M) {
+          a = _mm512_maskz_loadu_ps(lo_mask, x + row * K + k0);
+          b = _mm512_maskz_loadu_ps(hi_mask, x + row * K + k0 + 16);
+        }
+        for (int p = 0; p < kParts; ++p) {
+          const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));  // a in the lower half
+          part[p][m] = v;
+          a = residual(a, low_as_float(v));
+          b = residual(b, high_as_float(v));
+        }
+      }
+      for (int p = 0; p < kParts; ++p) {
+        transpose16(part[p]);  // row i: the pairs (2i, 2i + 1) of every row
+        uint8_t* block = packed + ((kc * G + g) * kParts + p) * kBlockBytes;
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(block + i * 64, part[p][i]);
+      }
+    }
+  }
+}
+
+// The weights of one chunk of K for two tiles of weight rows, as the tiles read them: dst[r][k] = w[r][32 kc + k]
+// as bf16 for r < 32 (rows past `rows` zero), k < 32 (columns past K zero); int8 widened, bf16 copied.
+template <typename W>
+inline void stage_chunk(const W* w, int64_t K, int64_t rows, int64_t kc, uint16_t* dst) {
+  const int64_t k0 = kc * kDepth, n = std::min(K - k0, kDepth);
+  const __mmask32 mask = n == kDepth ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1);
+  for (int64_t r = 0; r < 2 * kTile; ++r) {
+    __m512i v = _mm512_setzero_si512();
+    if (r < rows) {
+      const W* src = w + r * K + k0;
+      if constexpr (std::is_same_v<W, int8_t>) {
+        __builtin_prefetch(reinterpret_cast<const char*>(src) + kPrefetch);
+        const __m256i q = _mm256_maskz_loadu_epi8(mask, src);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+        v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+      } else {
+        __builtin_prefetch(reinterpret_cast<const char*>(src) + kPrefetch);
+        v = _mm512_maskz_loadu_epi16(mask, src);
+      }
+    }
+    _mm512_store_si512(dst + r * kDepth, v);
+  }
+}
+
+// One group's sums, the tile c [16 weight rows][16 rows of x], to y.
+inline void write(const float* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols, const float* scale,
+                  const float* bias, float* y, int64_t N) {
+  if (rows <= 0 || cols <= 0) return;
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(c + i * 16);
+  transpose16(r);  // r[m]: row m of x's sums over the 16 weight rows
+  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+  const __m512 s = scale ? _mm512_maskz_loadu_ps(mask, scale + n0) : _mm512_set1_ps(1.f);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+  for (int64_t m = 0; m < rows; ++m)
+    _mm512_mask_storeu_ps(y + (m0 + m) * N + n0, mask, _mm512_fmadd_ps(_mm512_castsi512_ps(r[m]), s, b));
+}
+
+// Two tiles of weight rows (n0 and n0 + 16, in tmm4 and tmm5) against two groups of rows of x (g0 and g0 + 1,
+// their parts in tmm6 and tmm7; the second group only with TwoGroups): sums in tmm0 (n0, g0), tmm1 (n0 + 16, g0),
+// tmm2 (n0, g0 + 1) and tmm3 (n0 + 16, g0 + 1). Consecutive products go to different sums, so none waits for
+// the one before (a product's latency is several times its issue rate).
+// a: the staged weights (2 KiB a chunk of K), x: x's packed blocks of chunk 0, group g0. With a next pair of
+// weight tiles to stage (next_w not null), each chunk of theirs is staged between the products, which run on
+// the tile unit meanwhile.
+template <bool TwoGroups, typename W>
+inline void tile_pair(const uint16_t* a, const uint8_t* x, int64_t x_stride, int64_t chunks, const W* next_w,
+                      int64_t K, int64_t next_rows, uint16_t* next_a) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (TwoGroups) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t kc = 0; kc < chunks; ++kc) {
+    _tile_loadd(4, a + kc * 2 * kTile * kDepth, 64);
+    _tile_loadd(5, a + (kc * 2 + 1) * kTile * kDepth, 64);
+    const uint8_t* b = x + kc * x_stride;
+    for (int p = 0; p < kParts; ++p) {
+      _tile_loadd(6, b + p * kBlockBytes, 64);
+      if constexpr (TwoGroups) _tile_loadd(7, b + (kParts + p) * kBlockBytes, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 5, 6);
+      if constexpr (TwoGroups) {
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    if (next_w) stage_chunk(next_w, K, next_rows, kc, next_a + kc * 2 * kTile * kDepth);
+  }
+}
+
+template <typename W>
+void run_typed(const uint8_t* packed, int64_t M, int64_t K, const W* w, const float* scale, const float* bias,
+               float* y, int64_t N, int64_t n_begin, int64_t n_end) {
+  if (n_begin >= n_end) return;
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+  const int64_t G = groups(M), KC = chunks(K), x_stride = G * kParts * kBlockBytes;
+  // Two buffers of staged weights, 32 rows each (K = 3072: 192 KiB each): the tiles read one while the next
+  // pair's weights are staged into the other.
+  const int64_t pair_elems = KC * 2 * kTile * kDepth;
+  std::unique_ptr<uint16_t[]> storage(new uint16_t[2 * pair_elems + 32]);
+  uint16_t* buffers[2];
+  buffers[0] = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(storage.get()) + 63) & ~uintptr_t{63});
+  buffers[1] = buffers[0] + pair_elems;
+  for (int64_t kc = 0; kc < KC; ++kc)
+    stage_chunk(w + n_begin * K, K, std::min(2 * kTile, n_end - n_begin), kc, buffers[0] + kc * 2 * kTile * kDepth);
+  alignas(64) float sums[4][kTile * kTile];
+  int current = 0;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 2 * kTile, current ^= 1) {
+    const int64_t rows = std::min(2 * kTile, n_end - n0);
+    const int64_t next_n0 = n0 + 2 * kTile, next_rows = std::min(2 * kTile, n_end - next_n0);
+    for (int64_t g0 = 0; g0 < G; g0 += 2) {
+      const bool two = g0 + 1 < G;
+      // The next pair is staged during the first pass over the rows of x.
+      const W* next_w = g0 == 0 && next_n0 < n_end ? w + next_n0 * K : nullptr;
+      const uint8_t* x = packed + g0 * kParts * kBlockBytes;
+      if (two) {
+        tile_pair<true>(buffers[current], x, x_stride, KC, next_w, K, next_rows, buffers[current ^ 1]);
+        _tile_stored(2, sums[2], 64);
+        _tile_stored(3, sums[3], 64);
+      } else {
+        tile_pair<false>(buffers[current], x, x_stride, KC, next_w, K, next_rows, buffers[current ^ 1]);
+      }
+      _tile_stored(0, sums[0], 64);
+      _tile_stored(1, sums[1], 64);
+      for (int g = 0; g < (two ? 2 : 1); ++g) {
+        const int64_t m0 = (g0 + g) * kTile, m_rows = std::min(kTile, M - m0);
+        write(sums[2 * g], m0, m_rows, n0, std::min(kTile, rows), scale, bias, y, N);
+        write(sums[2 * g + 1], m0, m_rows, n0 + kTile, rows - kTile, scale, bias, y, N);
+      }
+    }
+  }
+  _tile_release();
+}
+
+void run(const uint8_t* packed, int64_t M, int64_t K, const void* w, WeightType type, const float* scale,
+         const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
+  if (type == WeightType::Int8)
+    return run_typed(packed, M, K, static_cast<const int8_t*>(w), scale, bias, y, N, n_begin, n_end);
+  run_typed(packed, M, K, static_cast<const uint16_t*>(w), scale, bias, y, N, n_begin, n_end);
+}
+
+// From how many rows the tiles pay: against the AVX-512 forms on gpt2's matmuls (all of a decode step's, a
+// 2-core Xeon with AMX), 0.31x at 1 row, 0.79x at 6, 1.08x at 8, 1.14x at 10, 1.67x at 16.
+constexpr int64_t kMinRows = 8;
+}  // namespace amx
+#pragma GCC pop_options
+
+// AMX needs the CPU's tile unit (with bf16, and AVX-512 BF16 to split x) and Linux's leave to use its state,
+// asked once per process (Linux 5.16 and later; elsewhere the kernel keeps to its AVX-512 forms).
+bool amx_usable() {
+#ifdef __linux__
+  static const bool usable = [] {
+    unsigned a, b, c, d;
+    __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
+    if (a < 7) return false;
+    __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1;
+    __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(1));
+    const bool avx512_bf16 = (a >> 5) & 1;
+    if (!(tile && bf16 && avx512_bf16)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+#endif
+
 }  // namespace
 
 CpuIsa quantized_linear_cpu_best_isa() {
 #ifdef GPT2FAST_X86
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return CpuIsa::Avx512;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+#ifdef GPT2FAST_AMX
+    if (amx_usable()) return CpuIsa::Amx;
+#endif
+    return CpuIsa::Avx512;
+  }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::Avx2;
 #endif
   return CpuIsa::Portable;
 }
 
-void quantized_linear_cpu_transpose(const float* x, int64_t M, int64_t K, float* xt, int64_t ldx, int64_t k_begin,
-                                    int64_t k_end) {
+namespace {
+
+// The row stride of x transposed, for the broadcast form (0: the dot form).
+int64_t xt_stride(int64_t M, CpuIsa isa) {
+#ifdef GPT2FAST_X86
+  if (isa == CpuIsa::Avx512 || isa == CpuIsa::Amx) return avx512::xt_stride(M);
+  if (isa == CpuIsa::Avx2) return avx2::xt_stride(M);
+#endif
+  return portable::xt_stride(M);
+}
+
+// xt[k, m] = x[m, k] for m < M and k_begin <= k < k_end, and 0 for M <= m < ldx.
+void transpose(const float* x, int64_t M, int64_t K, float* xt, int64_t ldx, int64_t k_begin, int64_t k_end) {
   constexpr int64_t kBlock = 64;  // 64 columns of x at a time: the block of xt written is at most 16 KiB
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlock) {
     const int64_t k1 = std::min(k0 + kBlock, k_end);
@@ -144,19 +421,48 @@ void quantized_linear_cpu_transpose(const float* x, int64_t M, int64_t K, float*
   }
 }
 
-int64_t quantized_linear_cpu_xt_stride(int64_t M, CpuIsa isa) {
-#ifdef GPT2FAST_X86
-  if (isa == CpuIsa::Avx512) return avx512::xt_stride(M);
-  if (isa == CpuIsa::Avx2) return avx2::xt_stride(M);
+}  // namespace
+
+QuantizedForm quantized_linear_cpu_form(int64_t M, WeightType type, CpuIsa isa) {
+#ifdef GPT2FAST_AMX
+  if (isa == CpuIsa::Amx && type != WeightType::Float32 && M >= amx::kMinRows) return QuantizedForm::Amx;
 #endif
-  return portable::xt_stride(M);
+  (void)type;
+  return xt_stride(M, isa) > 0 ? QuantizedForm::Broadcast : QuantizedForm::Dot;
 }
 
-void quantized_linear_cpu(const float* x, const float* xt, int64_t ldx, int64_t M, int64_t K, const void* w,
-                          WeightType type, const float* scale, const float* bias, float* y, int64_t N,
-                          int64_t n_begin, int64_t n_end, CpuIsa isa) {
+int64_t quantized_linear_cpu_packed_bytes(int64_t M, int64_t K, QuantizedForm form, CpuIsa isa) {
+#ifdef GPT2FAST_AMX
+  if (form == QuantizedForm::Amx) return amx::packed_bytes(M, K);
+#endif
+  if (form == QuantizedForm::Broadcast) return K * xt_stride(M, isa) * static_cast<int64_t>(sizeof(float));
+  return 0;
+}
+
+void quantized_linear_cpu_pack(const float* x, int64_t M, int64_t K, void* packed, int64_t block_begin,
+                               int64_t block_end, QuantizedForm form, CpuIsa isa) {
+  constexpr int64_t kColumns = 32;  // a block: the tile form's chunk of K
+#ifdef GPT2FAST_AMX
+  static_assert(amx::kDepth == kColumns, "a block of columns is one chunk of the tiles' K");
+  if (form == QuantizedForm::Amx) return amx::pack(x, M, K, static_cast<uint8_t*>(packed), block_begin, block_end);
+#endif
+  if (form == QuantizedForm::Broadcast)
+    transpose(x, M, K, static_cast<float*>(packed), xt_stride(M, isa), block_begin * kColumns,
+              std::min(K, block_end * kColumns));
+}
+
+void quantized_linear_cpu(const float* x, const void* packed, int64_t M, int64_t K, const void* w, WeightType type,
+                          const float* scale, const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end,
+                          QuantizedForm form, CpuIsa isa) {
+#ifdef GPT2FAST_AMX
+  if (form == QuantizedForm::Amx)
+    return amx::run(static_cast<const uint8_t*>(packed), M, K, w, type, scale, bias, y, N, n_begin, n_end);
+#endif
+  const float* xt = form == QuantizedForm::Broadcast ? static_cast<const float*>(packed) : nullptr;
+  const int64_t ldx = xt ? xt_stride(M, isa) : 0;
 #ifdef GPT2FAST_X86
-  if (isa == CpuIsa::Avx512) return avx512::run(x, xt, ldx, M, K, w, type, scale, bias, y, N, n_begin, n_end);
+  if (isa == CpuIsa::Avx512 || isa == CpuIsa::Amx)
+    return avx512::run(x, xt, ldx, M, K, w, type, scale, bias, y, N, n_begin, n_end);
   if (isa == CpuIsa::Avx2) return avx2::run(x, xt, ldx, M, K, w, type, scale, bias, y, N, n_begin, n_end);
 #endif
   portable::run(x, xt, ldx, M, K, w, type, scale, bias, y, N, n_begin, n_end);

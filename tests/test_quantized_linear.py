@@ -1,6 +1,6 @@
 """ops.quantized_linear (x @ (weight * scale[:, None]).T + bias, weights stored int8 or bf16) on every backend
-against fp64 math on the dequantized weights; the C++ CPU kernel in each of its builds (AVX-512, AVX2, portable)
-that this CPU runs, writing into a poisoned output; the checks of the op's inputs.
+against fp64 math on the dequantized weights; the C++ CPU kernel in each of its builds (AMX, AVX-512, AVX2,
+portable) that this CPU runs, writing into a poisoned output; the checks of the op's inputs.
 
 tests/test_triton_quantized_linear.py has the Triton kernel's own cases."""
 import logging
@@ -75,22 +75,27 @@ def isas():
     return _C.quantized_linear_isas()
 
 
-# The kernel's own cases: few rows (its dot-product form) and many (its broadcast form, x transposed): 16 rows
-# of width 77 (one tile of rows, a single chunk of K), 28 of 1600 (K in chunks with a short last one; 20 weight
-# rows, not whole tiles), 64 of 300 by 97 (a block of outputs and one row past it), 100 of 768 (two tiles of
-# rows, the last padded).
+# The kernel's own cases: few rows (its dot-product form) and many (its broadcast form, x transposed, or on AMX
+# its tile form, x packed in bf16 parts): 13 rows of width 1600 (the tile form's one group of rows, padded; K in
+# 50 chunks), 16 of width 77 (one tile of rows, a single chunk of K, the last one short), 28 of 1600 (K in
+# chunks with a short last one; 20 weight rows, not whole tiles), 64 of 300 by 97 (a block of outputs and one
+# row past it; four groups of rows, two passes), 100 of 768 (two tiles of rows, the last padded; seven groups,
+# the last pass one group).
 BUILD_SHAPES = [((1, 768), 2304), ((7, 77), 67), ((13, 1600), 20), ((16, 77), 100), ((28, 1600), 20),
                 ((64, 300), 97), ((100, 768), 30)]
 # The kernel also reads fp32 weights (in place, where a tile's weight rows are whole), which the op refuses.
 BUILD_WEIGHTS = {**WEIGHTS, "fp32": lambda n, k, seed: (randn(n, k, seed=seed, scale=k ** -0.5), None)}
+MANY_ROWS_FORM = {"portable": "dot", "avx2": "broadcast", "avx512": "broadcast", "amx": "amx"}
 
 
 @pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
-def test_the_build_cases_take_both_forms_of_every_vector_build():
+@pytest.mark.parametrize("weight", ["int8", "bf16", "fp32"])
+def test_the_build_cases_take_every_form_of_every_build(weight):
     from gpt2fast import _C
     for isa in isas():
-        forms = {_C.quantized_linear_form(shape[0], isa) for shape, _ in BUILD_SHAPES}
-        assert forms == ({"dot"} if isa == "portable" else {"dot", "broadcast"}), isa
+        many = MANY_ROWS_FORM[isa] if not (isa == "amx" and weight == "fp32") else "broadcast"  # AMX: int8, bf16
+        forms = {_C.quantized_linear_form(shape[0], isa, weight) for shape, _ in BUILD_SHAPES}
+        assert forms == {"dot", many}, isa
 
 
 @pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
@@ -115,10 +120,45 @@ def test_every_cpu_build_writes_every_output(shape, n, scheme, threads):
 
 
 @pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
+@pytest.mark.parametrize("rows", [3, 24], ids=["few_rows", "many_rows"])
+def test_every_cpu_build_carries_inf_and_nan_in_x_as_fp32_does(rows):
+    """An inf or a NaN in a row of x makes that row's outputs what fp32 math makes them (inf times a weight: an
+    inf of the product's sign, NaN where the weight is 0; NaN: NaN) and leaves the other rows alone: the tile
+    form's split of x into parts must not spread them."""
+    x = randn(rows, 64, seed=10)
+    x[1, 5], x[2, 9] = float("inf"), float("nan")
+    weight, scale = int8_weight(40, 64, 11)
+    weight[:, 5] = torch.where(torch.arange(40) % 2 == 0, 3, -3).to(torch.int8)
+    weight[0, 5] = 0
+    want = x @ (weight.float() * scale[:, None]).T
+    assert want[1, 0].isnan() and want[1, 1:].isinf().all() and want[2].isnan().all()
+    finite = torch.ones(rows, dtype=torch.bool)
+    finite[1:3] = False
+    for isa in isas():
+        out = torch.full((rows, 40), 7.0)
+        torch.ops.gpt2fast.quantized_linear_out_native(x, weight, scale, None, out, isa)
+        torch.testing.assert_close(out[1:3], want[1:3], equal_nan=True, msg=lambda m, isa=isa: f"{isa}: {m}")
+        assert_close(out[finite], want[finite].double(), scale=2, msg=lambda m, isa=isa: f"{isa}: {m}")
+
+
+@pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
 def test_the_cpu_kernel_refuses_a_build_this_cpu_lacks():
     x, (weight, scale) = randn(1, 16), int8_weight(4, 16, 1)
     with pytest.raises(RuntimeError, match="isa must be one this CPU runs"):
         torch.ops.gpt2fast.quantized_linear_out_native(x, weight, scale, None, torch.empty(1, 4), "neon")
+
+
+@pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
+def test_gpt2fast_cpu_isa_picks_the_build_a_call_without_one_runs(monkeypatch):
+    x, (weight, scale) = randn(24, 96, seed=12), int8_weight(40, 96, 13)
+    for isa in isas():
+        want = torch.empty(24, 40)
+        torch.ops.gpt2fast.quantized_linear_out_native(x, weight, scale, None, want, isa)
+        monkeypatch.setenv("GPT2FAST_CPU_ISA", isa)
+        assert torch.equal(torch.ops.gpt2fast.quantized_linear_native(x, weight, scale, None), want), isa
+    monkeypatch.setenv("GPT2FAST_CPU_ISA", "neon")
+    with pytest.raises(RuntimeError, match="GPT2FAST_CPU_ISA must name a build this CPU runs .*'neon'"):
+        torch.ops.gpt2fast.quantized_linear_native(x, weight, scale, None)
 
 
 @pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
