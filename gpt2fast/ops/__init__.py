@@ -39,36 +39,40 @@ __all__ = [
 
 def _same_device_and_dtype(op: str, **tensors: torch.Tensor) -> None:
     (first_name, first), *rest = tensors.items()
+    device, dtype = first.device, first.dtype
     for name, t in rest:
-        if t.device != first.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
-        if t.dtype != first.dtype:
-            raise ValueError(f"{op}: {name} is {t.dtype} but {first_name} is {first.dtype}")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {device}")
+        if t.dtype != dtype:
+            raise ValueError(f"{op}: {name} is {t.dtype} but {first_name} is {dtype}")
     if not first.is_floating_point():
-        raise TypeError(f"{op}: expected floating-point tensors, got {first.dtype}")
+        raise TypeError(f"{op}: expected floating-point tensors, got {dtype}")
 
 
 def _shape(op: str, name: str, t: torch.Tensor, expected: tuple) -> None:
-    if tuple(t.shape) != tuple(expected):
+    if t.shape != expected:  # torch.Size is a tuple
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(expected)}")
 
 
-def _dispatch(op: str, device: torch.device, *args, **kwargs):
-    return resolve(op, device.type, args, kwargs)(*args, **kwargs)
+def _dispatch(op: str, like: torch.Tensor, *args, **kwargs):
+    """Run `op` on the implementation the registry picks for these arguments, on the device of `like`."""
+    return resolve(op, "cpu" if like.is_cpu else like.device.type, args, kwargs)(*args, **kwargs)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
                residual: torch.Tensor | None = None):
     """LayerNorm over the last dim. With `residual`: h = x + residual, returns (LN(h), h)."""
-    tensors = dict(x=x, weight=weight, bias=bias) | ({} if residual is None else dict(residual=residual))
-    _same_device_and_dtype("layer_norm", **tensors)
+    if residual is None:
+        _same_device_and_dtype("layer_norm", x=x, weight=weight, bias=bias)
+    else:
+        _same_device_and_dtype("layer_norm", x=x, weight=weight, bias=bias, residual=residual)
     _shape("layer_norm", "weight", weight, (x.shape[-1],))
     _shape("layer_norm", "bias", bias, (x.shape[-1],))
     if residual is not None:
         _shape("layer_norm", "residual", residual, x.shape)
     if not eps > 0:
         raise ValueError(f"layer_norm: eps must be > 0, got {eps}")
-    return _dispatch("layer_norm", x.device, x, weight, bias, eps, residual)
+    return _dispatch("layer_norm", x, x, weight, bias, eps, residual)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -78,7 +82,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         raise ValueError(f"causal_attention: q must be [B, H, T, D], got shape {tuple(q.shape)}")
     _shape("causal_attention", "k", k, q.shape)
     _shape("causal_attention", "v", v, q.shape)
-    return _dispatch("causal_attention", q.device, q, k, v)
+    return _dispatch("causal_attention", q, q, k, v)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
@@ -119,7 +123,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"decode_attention: {Tq} queries do not fit a cache of {S} positions")
     if not lengths_checked:
         _check_lengths(lengths, Tq, S)
-    return _dispatch("decode_attention", q.device, q, k_cache, v_cache, lengths, k_new, v_new)
+    return _dispatch("decode_attention", q, q, k_cache, v_cache, lengths, k_new, v_new)
 
 
 def _require(ok: torch.Tensor, message: str) -> None:
@@ -153,7 +157,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GELU (tanh approximation, as GPT-2) of x + bias; bias [F] broadcasts over x [..., F]."""
     _same_device_and_dtype("bias_gelu", x=x, bias=bias)
     _shape("bias_gelu", "bias", bias, (x.shape[-1],))
-    return _dispatch("bias_gelu", x.device, x, bias)
+    return _dispatch("bias_gelu", x, x, bias)
 
 
 def gelu_mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor, w_proj: torch.Tensor,
@@ -166,7 +170,7 @@ def gelu_mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor, w_proj: to
     _shape("gelu_mlp", "b_fc", b_fc, (F,))
     _shape("gelu_mlp", "w_proj", w_proj, (F, C))
     _shape("gelu_mlp", "b_proj", b_proj, (C,))
-    return _dispatch("gelu_mlp", x.device, x, w_fc, b_fc, w_proj, b_proj)
+    return _dispatch("gelu_mlp", x, x, w_fc, b_fc, w_proj, b_proj)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,7 +182,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _shape("linear", "weight", weight, (x.shape[-1], weight.shape[-1]))
     if bias is not None:
         _shape("linear", "bias", bias, (weight.shape[-1],))
-    return _dispatch("linear", x.device, x, weight, bias)
+    return _dispatch("linear", x, x, weight, bias)
 
 
 def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -188,7 +192,7 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"lm_head: x must be [..., C] and weight [V, C], got shapes {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
     _shape("lm_head", "weight", weight, (weight.shape[0], x.shape[-1]))
-    return _dispatch("lm_head", x.device, x, weight)
+    return _dispatch("lm_head", x, x, weight)
 
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
@@ -210,11 +214,10 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor 
     _shape("quantized_linear", "weight", weight, (weight.shape[0], x.shape[-1]))
     if weight.dtype == torch.int8 and scale is None:
         raise ValueError("quantized_linear: int8 weights need their scale [out]")
-    tensors = dict(x=x, weight=weight) | ({} if scale is None else dict(scale=scale)) | (
-        {} if bias is None else dict(bias=bias))
-    for name, t in tensors.items():
-        if t.device != x.device:
-            raise ValueError(f"quantized_linear: {name} is on {t.device} but x is on {x.device}")
+    device = x.device
+    for name, t in (("weight", weight), ("scale", scale), ("bias", bias)):
+        if t is not None and t.device != device:
+            raise ValueError(f"quantized_linear: {name} is on {t.device} but x is on {device}")
     if scale is not None:
         if scale.dtype != torch.float32:
             raise TypeError(f"quantized_linear: scale must be float32, got {scale.dtype}")
@@ -223,7 +226,7 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor 
         if bias.dtype != x.dtype:
             raise TypeError(f"quantized_linear: bias is {bias.dtype} but x is {x.dtype}")
         _shape("quantized_linear", "bias", bias, (weight.shape[0],))
-    return _dispatch("quantized_linear", x.device, x, weight, scale, bias)
+    return _dispatch("quantized_linear", x, x, weight, scale, bias)
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
@@ -279,7 +282,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     if generator is not None and generator.device.type != logits.device.type:
         raise ValueError(f"sample: generator is on {generator.device} but logits are on {logits.device}")
     _check_logit_values(logits)
-    return _dispatch("sample", logits.device, logits, temperature, top_k, top_p, generator)
+    return _dispatch("sample", logits, logits, temperature, top_k, top_p, generator)
 
 
 REDUCTIONS = ("mean", "sum")
@@ -311,4 +314,4 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     V = weight.shape[0]
     _require((((targets >= 0) & (targets < V)) | (targets == ignore_index)).all(),
              f"linear_cross_entropy: every target must be in [0, {V}) or equal ignore_index ({ignore_index})")
-    return _dispatch("linear_cross_entropy", x.device, x, weight, targets, ignore_index, reduction)
+    return _dispatch("linear_cross_entropy", x, x, weight, targets, ignore_index, reduction)

@@ -68,17 +68,20 @@ def _has_kernel(op: str, device_type: str) -> bool:
     return _KERNELS.get((op, device_type), False)
 
 
-def _refusal(op: str, t: Tensor, *no_grad: Tensor) -> Optional[str]:
+def _refusal(op: str, t: Tensor, *no_grad: Optional[Tensor]) -> Optional[str]:
     """Why the operator gpt2fast::`op` cannot take t (its dtype, or no kernel for its device), or, for an op
-    without a backward, the inputs `no_grad` requiring grad; None if it can."""
+    without a backward, the inputs `no_grad` requiring grad (None: no input); None if it can."""
     if t.dtype not in DTYPES:
         return f"dtype {t.dtype} (the kernels take float32, float16, bfloat16)"
-    if torch.is_grad_enabled() and any(g.requires_grad for g in no_grad):
-        return "inputs that require grad (the kernel has no backward: the reference runs, with autograd)"
-    if not _has_kernel(op, t.device.type):
+    if no_grad and torch.is_grad_enabled():
+        for g in no_grad:
+            if g is not None and g.requires_grad:
+                return "inputs that require grad (the kernel has no backward: the reference runs, with autograd)"
+    device_type = "cpu" if t.is_cpu else t.device.type
+    if not _KERNELS.get((op, device_type), False):
         rebuild = (" (it was built without CUDA, or before this op: with a CUDA torch and nvcc, rebuild it with "
-                   f"{REBUILD})") if t.device.type == "cuda" else ""
-        return f"tensors on {t.device}: gpt2fast._C has no {t.device.type} kernel of {op}{rebuild}"
+                   f"{REBUILD})") if device_type == "cuda" else ""
+        return f"tensors on {t.device}: gpt2fast._C has no {device_type} kernel of {op}{rebuild}"
     return None
 
 
@@ -217,7 +220,7 @@ def _quantized_linear_supports(x, weight, scale=None, bias=None) -> Optional[str
     rows = x.numel() // max(x.shape[-1], 1)
     if rows > QUANTIZED_MAX_ROWS:
         return f"{rows} rows (the CPU kernel is for a decode step's or a short prompt's, up to {QUANTIZED_MAX_ROWS}; BLAS is faster past)"
-    return _refusal("quantized_linear_native", x, *(t for t in (x, weight, scale, bias) if t is not None))
+    return _refusal("quantized_linear_native", x, x, weight, scale, bias)
 
 
 @register("quantized_linear", NAME, supports=_quantized_linear_supports)

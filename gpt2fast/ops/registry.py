@@ -67,9 +67,12 @@ AUTO_EVIDENCE: dict[tuple[str, str], tuple[str, ...]] = {
     for key in AUTO_ORDER_BY_OP}
 
 
+_REFERENCE_ONLY = (REFERENCE,)
+
+
 def auto_order(device_type: str, op: str) -> list[str]:
     """The backends `auto` tries for `op` on `device_type`, fastest first."""
-    return AUTO_ORDER_BY_OP.get((device_type, op), AUTO_ORDER.get(device_type, [REFERENCE]))
+    return list(AUTO_ORDER_BY_OP.get((device_type, op), AUTO_ORDER.get(device_type, _REFERENCE_ONLY)))
 
 
 @dataclass
@@ -239,6 +242,13 @@ def _log_once(message: str, level: int = logging.WARNING) -> None:
 
 
 def _refusal(name: str, op: str, args: tuple, kwargs: dict) -> str | None:
+    taken = _take(name, op, args, kwargs)
+    return taken if isinstance(taken, str) else None
+
+
+def _take(name: str, op: str, args: tuple, kwargs: dict) -> Callable | str:
+    """The implementation of `op` in backend `name` if it takes these arguments, else the reason it does not.
+    (resolve runs this once per op call or more: it is kept to a few lookups.)"""
     backend = _BACKENDS.get(name)
     if backend is None:
         return "not installed"
@@ -248,7 +258,11 @@ def _refusal(name: str, op: str, args: tuple, kwargs: dict) -> str | None:
     impl = backend.impls.get(op)
     if impl is None:
         return f"no {op} implementation"
-    return impl.supports(*args, **kwargs) if impl.supports else None
+    if impl.supports is not None:
+        reason = impl.supports(*args, **kwargs) if kwargs else impl.supports(*args)
+        if reason is not None:
+            return reason
+    return impl.fn
 
 
 def resolve(op: str, device_type: str, args: tuple, kwargs: dict) -> Callable:
@@ -258,21 +272,25 @@ def resolve(op: str, device_type: str, args: tuple, kwargs: dict) -> Callable:
     kernel, by design) runs as `auto` would run it, with an INFO line; one it cannot run here, or refuses these
     inputs, falls back to the reference with a WARNING line.
     """
-    choice = get_backend(op)
-    if choice not in (AUTO, REFERENCE):
+    # get_backend(op) and auto_order, inlined: this runs for every op call, a hundred times a decode step.
+    current, overrides = _compiled_view["selection"] if torch.compiler.is_compiling() else (
+        _local_selection.get() or _process_selection)
+    choice = overrides.get(op, current) if overrides else current
+    if choice != AUTO and choice != REFERENCE:
         backend = _BACKENDS.get(choice)
         if backend is not None and backend.unavailable_reason() is None and op not in backend.impls:
             _log_once(f"gpt2fast: backend {choice!r} has no {op} implementation; {op} runs as auto picks", logging.INFO)
             choice = AUTO
     if choice == AUTO:
-        for name in auto_order(device_type, op):
-            reason = _refusal(name, op, args, kwargs)
-            if reason is None:
-                return _BACKENDS[name].impls[op].fn
-            _log_once(f"gpt2fast: auto skips backend {name!r} for {op} on {device_type}: {reason}", logging.INFO)
+        order = AUTO_ORDER_BY_OP.get((device_type, op))
+        for name in AUTO_ORDER.get(device_type, _REFERENCE_ONLY) if order is None else order:
+            taken = _take(name, op, args, kwargs)
+            if not isinstance(taken, str):
+                return taken
+            _log_once(f"gpt2fast: auto skips backend {name!r} for {op} on {device_type}: {taken}", logging.INFO)
     elif choice != REFERENCE:
-        reason = _refusal(choice, op, args, kwargs)
-        if reason is None:
-            return _BACKENDS[choice].impls[op].fn
-        _log_once(f"gpt2fast: {op} falls back to the torch reference: backend {choice!r}: {reason}")
+        taken = _take(choice, op, args, kwargs)
+        if not isinstance(taken, str):
+            return taken
+        _log_once(f"gpt2fast: {op} falls back to the torch reference: backend {choice!r}: {taken}")
     return _BACKENDS[REFERENCE].impls[op].fn
