@@ -731,9 +731,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     int type = 0;
     while (type < 3 && weight != kWeightNames[type]) ++type;
     TORCH_CHECK(type < 3, "quantized_linear_form: weight must be int8, bf16 or fp32, got '", weight, "'");
-    return std::string(kFormNames[static_cast<int>(gpt2fast::quantized_linear_cpu_form(rows, static_cast<gpt2fast::WeightType>(type), cpu_isa(isa)))]);
-  }, pybind11::arg("rows"), pybind11::arg("isa"), pybind11::arg("weight") = "int8",
-     "Which form the CPU quantized_linear kernel's build `isa` takes for this many rows of x and weights of this type: "
+    const gpt2fast::CpuIsa build = isa.empty() ? default_isa() : cpu_isa(isa);
+    return std::string(kFormNames[static_cast<int>(gpt2fast::quantized_linear_cpu_form(rows, static_cast<gpt2fast::WeightType>(type), build))]);
+  }, pybind11::arg("rows"), pybind11::arg("isa") = "", pybind11::arg("weight") = "int8",
+     "Which form the CPU quantized_linear kernel's build `isa` (default: the one a call runs) takes for this many rows "
+     "of x and weights of this type: "
      "'dot' (dot products along the weight rows), 'broadcast' (x transposed, each weight broadcast to a vector of "
      "rows) or 'amx' (AMX tiles, x in three bf16 parts).");
 }

@@ -149,6 +149,21 @@ def test_the_cpu_kernel_refuses_a_build_this_cpu_lacks():
 
 
 @pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
+def test_the_cpu_kernel_takes_rows_up_to_its_limit_and_refuses_more(caplog, fresh_log):
+    """Up to 128 rows (a decode step, a short prompt), or 1024 where its AMX form runs; past that the reference."""
+    nb = ops.native_backend
+    limit = nb.QUANTIZED_AMX_MAX_ROWS if nb.QUANTIZED_AMX else nb.QUANTIZED_MAX_ROWS
+    weight, scale = int8_weight(24, 32, 14)
+    for rows, native in ((limit, True), (limit + 1, False)):
+        x = randn(rows, 32, seed=15)
+        taken = ops.registry.resolve("quantized_linear", "cpu", (x, weight, scale, None), {})
+        assert (taken is nb.quantized_linear) == native, rows
+        with caplog.at_level(logging.INFO, logger="gpt2fast"), gpt2fast.use_backend("native"):
+            assert_close(ops.quantized_linear(x, weight, scale), expected(x, weight, scale, None), scale=2)
+    assert f"{limit + 1} rows (the CPU kernel is for a decode step's" in " ".join(fallback_records(caplog))
+
+
+@pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
 def test_gpt2fast_cpu_isa_picks_the_build_a_call_without_one_runs(monkeypatch):
     x, (weight, scale) = randn(24, 96, seed=12), int8_weight(40, 96, 13)
     for isa in isas():

@@ -24,10 +24,11 @@ LAYER_NORM_MAX_WIDTH = 0
 CAUSAL_HEAD_DIMS: tuple[int, ...] = ()
 DECODE_HEAD_DIMS: tuple[int, ...] = ()
 DECODE_MAX_QUERIES = 0
+QUANTIZED_AMX = False  # whether the CPU quantized_linear's widest build here is its AMX one
 
 
 def _probe() -> Optional[str]:
-    global LAYER_NORM_MAX_WIDTH, CAUSAL_HEAD_DIMS, DECODE_HEAD_DIMS, DECODE_MAX_QUERIES
+    global LAYER_NORM_MAX_WIDTH, CAUSAL_HEAD_DIMS, DECODE_HEAD_DIMS, DECODE_MAX_QUERIES, QUANTIZED_AMX
     try:
         from gpt2fast import _C  # loading it defines the operators
     except ImportError as e:
@@ -43,6 +44,7 @@ def _probe() -> Optional[str]:
     _register_python_parts()
     if hasattr(_C, "quantized_linear_isas"):  # the CPU matmul's build this CPU runs, for `gpt2fast backends`
         BACKEND.description += f"; the CPU quantized_linear runs its {_C.quantized_linear_isas()[-1]} build"
+        QUANTIZED_AMX = _C.quantized_linear_isas()[-1] == "amx"
     return None
 
 
@@ -210,16 +212,20 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
 # The CPU kernel's rows: a decode step's, or a short prompt's. It never dequantizes the weights in memory,
 # which pays up to 128 rows (at 128 it beat the reference's dequantize-then-matmul 1.1x to 3.5x on gpt2's
 # matmuls, a 2-core Xeon); past that x no longer stays in its caches, and at 256 rows of width 3072 or 1024 of
-# 768 BLAS was faster (0.4x to 0.6x).
+# 768 BLAS was faster (0.4x to 0.6x). Its AMX form (CPUs with AMX) beat the reference up to 1024 rows: 1.4x,
+# 1.4x and 1.1x for 768 -> 2304, 768 -> 3072 and 3072 -> 768 at 1024 rows, 1.3x to 2.1x at 512, 0.9x to 3.8x
+# at 256.
 QUANTIZED_MAX_ROWS = 128
+QUANTIZED_AMX_MAX_ROWS = 1024  # where the CPU's widest build is its AMX one (GPT2FAST_CPU_ISA aside)
 
 
 def _quantized_linear_supports(x, weight, scale=None, bias=None) -> Optional[str]:
     if x.dtype != torch.float32:
         return f"x of dtype {x.dtype} (the CPU kernel takes float32 activations)"
     rows = x.numel() // max(x.shape[-1], 1)
-    if rows > QUANTIZED_MAX_ROWS:
-        return f"{rows} rows (the CPU kernel is for a decode step's or a short prompt's, up to {QUANTIZED_MAX_ROWS}; BLAS is faster past)"
+    if rows > (QUANTIZED_AMX_MAX_ROWS if QUANTIZED_AMX and x.is_cpu else QUANTIZED_MAX_ROWS):
+        return (f"{rows} rows (the CPU kernel is for a decode step's or a short prompt's, up to {QUANTIZED_MAX_ROWS}, "
+                f"or {QUANTIZED_AMX_MAX_ROWS} with AMX; BLAS is faster past)")
     return _refusal("quantized_linear_native", x, x, weight, scale, bias)
 
 
