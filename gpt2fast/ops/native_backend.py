@@ -79,8 +79,8 @@ def _refusal(op: str, t: Tensor, *no_grad: Optional[Tensor]) -> Optional[str]:
         for g in no_grad:
             if g is not None and g.requires_grad:
                 return "inputs that require grad (the kernel has no backward: the reference runs, with autograd)"
-    device_type = "cpu" if t.is_cpu else t.device.type
-    if not _KERNELS.get((op, device_type), False):
+    device_type = t.device.type
+    if not _has_kernel(op, device_type):
         rebuild = (" (it was built without CUDA, or before this op: with a CUDA torch and nvcc, rebuild it with "
                    f"{REBUILD})") if device_type == "cuda" else ""
         return f"tensors on {t.device}: gpt2fast._C has no {device_type} kernel of {op}{rebuild}"
