@@ -232,10 +232,11 @@ void pack(const float* x, int64_t M, int64_t K, uint8_t* packed, int64_t kc_begi
 // The weights of one chunk of K for two tiles of weight rows, as the tiles read them: dst[r][k] = w[r][32 kc + k]
 // as bf16 for r < 32 (rows past `rows` zero), k < 32 (columns past K zero); int8 widened, bf16 copied.
 template <typename W>
-inline void stage_chunk(const W* w, int64_t K, int64_t rows, int64_t kc, uint16_t* dst) {
+inline void stage_chunk(const W* w, int64_t K, int64_t rows, int64_t kc, uint16_t* dst, int64_t r_begin = 0,
+                        int64_t r_end = 2 * kTile) {
   const int64_t k0 = kc * kDepth, n = std::min(K - k0, kDepth);
   const __mmask32 mask = n == kDepth ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1);
-  for (int64_t r = 0; r < 2 * kTile; ++r) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
     __m512i v = _mm512_setzero_si512();
     if (r < rows) {
       const W* src = w + r * K + k0;
@@ -297,8 +298,12 @@ inline void tile_pair(const uint16_t* a, const uint8_t* x, int64_t x_stride, int
         _tile_dpbf16ps(2, 4, 7);
         _tile_dpbf16ps(3, 5, 7);
       }
+      // A third of the next pair's chunk after each part's products, so that the conversions are spread
+      // among the tile instructions.
+      if (next_w)
+        stage_chunk(next_w, K, next_rows, kc, next_a + kc * 2 * kTile * kDepth, p * 2 * kTile / kParts,
+                    (p + 1) * 2 * kTile / kParts);
     }
-    if (next_w) stage_chunk(next_w, K, next_rows, kc, next_a + kc * 2 * kTile * kDepth);
   }
 }
 
