@@ -461,6 +461,81 @@ TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) {
 }
 #endif  // GPT2FAST_CUDA
 
+namespace {
+
+// The CPU kernel: fp32, any head dim, lengths read here (they are on the host) and checked.
+at::Tensor decode_cpu(const char* op, const at::Tensor& q, at::Tensor k_cache, at::Tensor v_cache,
+                      const at::Tensor& lengths, const c10::optional<at::Tensor>& k_new,
+                      const c10::optional<at::Tensor>& v_new) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k_cache", &k_cache},
+                                {"v_cache", &v_cache}}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, op, ": ", name,
+                " must be a float32 CPU tensor (the CPU kernel's), got ", t->scalar_type(), " on ", t->device());
+  }
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, op, ": q and the caches must be 4-D, got ", q.sizes(), " and ",
+              k_cache.sizes());
+  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), head_dim = q.size(3);
+  const int64_t cache_len = k_cache.size(2);
+  TORCH_CHECK(k_cache.sizes() == at::IntArrayRef({batch, heads, cache_len, head_dim}) &&
+                  v_cache.sizes() == k_cache.sizes(),
+              op, ": the caches must be [B, H, S, D] = [", batch, ", ", heads, ", S, ", head_dim, "], got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(queries >= 1 && queries <= cache_len, op, ": q must hold 1 to ", cache_len, " queries, got ", queries);
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, op, ": the caches' rows must be dense (stride 1)");
+  TORCH_CHECK(lengths.device().is_cpu() && (lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong) &&
+                  lengths.dim() == 1 && lengths.size(0) == batch,
+              op, ": lengths must be int32 or int64 [", batch, "] on the CPU, got ", lengths.scalar_type(), " ",
+              lengths.sizes(), " on ", lengths.device());
+  const at::Tensor lengths64 = lengths.to(at::kLong).contiguous();
+  const int64_t* n = lengths64.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(n[b] >= queries && n[b] <= cache_len, op, ": every length must be in [", queries, ", ", cache_len,
+                "], got ", n[b], " for sequence ", b);
+  }
+  at::Tensor new_k, new_v;
+  if (k_new.has_value()) {
+    TORCH_CHECK(k_new->sizes() == q.sizes() && v_new->sizes() == q.sizes() && k_new->scalar_type() == at::kFloat &&
+                    v_new->scalar_type() == at::kFloat && k_new->device().is_cpu() && v_new->device().is_cpu(),
+                op, ": k_new and v_new must be float32 CPU tensors of q's shape ", q.sizes());
+    new_k = k_new->stride(3) == 1 ? *k_new : k_new->contiguous();
+    new_v = v_new->stride(3) == 1 ? *v_new : v_new->contiguous();
+  }
+  const at::Tensor dense_q = q.stride(3) == 1 ? q : q.contiguous();
+  at::Tensor out = at::empty({batch, heads, queries, head_dim}, q.options());
+  if (out.numel() == 0) return out;
+  const auto strides = [](const at::Tensor& t) {
+    return gpt2fast::DecodeStrides{t.stride(0), t.stride(1), t.stride(2)};
+  };
+  const bool append = new_k.defined();
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    gpt2fast::decode_attention_cpu(dense_q.data_ptr<float>(), strides(dense_q), k_cache.data_ptr<float>(),
+                                   strides(k_cache), v_cache.data_ptr<float>(), strides(v_cache),
+                                   append ? new_k.data_ptr<float>() : nullptr,
+                                   append ? strides(new_k) : gpt2fast::DecodeStrides{},
+                                   append ? new_v.data_ptr<float>() : nullptr,
+                                   append ? strides(new_v) : gpt2fast::DecodeStrides{}, n, out.data_ptr<float>(),
+                                   heads, queries, cache_len, head_dim, begin, end);
+  });
+  return out;
+}
+
+at::Tensor decode_attention_cpu_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& lengths) {
+  return decode_cpu("decode_attention", q, k_cache, v_cache, lengths, c10::nullopt, c10::nullopt);
+}
+
+at::Tensor decode_attention_append_cpu_op(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
+                                          const at::Tensor& lengths, const at::Tensor& k_new, const at::Tensor& v_new) {
+  return decode_cpu("decode_attention_append", q, k_cache, v_cache, lengths, k_new, v_new);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gpt2fast, CPU, m) {
+  m.impl("decode_attention_native", &decode_attention_cpu_op);
+  m.impl("decode_attention_append_native", &decode_attention_append_cpu_op);
+}
+
 // ---- linear_cross_entropy: the row kernel (the chunks and matmuls are ATen's, in native_backend.py) ----
 
 #ifdef GPT2FAST_CUDA
@@ -721,6 +796,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     limits["decode_attention_max_queries"] = gpt2fast::decode_attention_max_queries;
     return limits;
   }, "The kernels' limits, by their names in csrc/gpt2fast.h.");
+  m.def("decode_attention_cpu_vectorized", &gpt2fast::decode_attention_cpu_vectorized,
+        "Whether the CPU decode_attention kernel runs its AVX-512 build here (else its portable one).");
   m.def("quantized_linear_isas", [] {
     std::vector<std::string> isas;
     for (int i = 0; i <= static_cast<int>(gpt2fast::quantized_linear_cpu_best_isa()); ++i) isas.push_back(kIsaNames[i]);

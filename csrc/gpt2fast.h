@@ -56,6 +56,25 @@ void quantized_linear_cpu(const float* x, const void* packed, int64_t M, int64_t
 
 CpuIsa quantized_linear_cpu_best_isa();
 
+// ---- decode_attention (CPU): fp32 ----
+
+// Element strides of a [B, H, T, D] tensor whose rows (D) are dense.
+struct DecodeStrides {
+  int64_t batch, head, token;
+};
+// For tasks [task_begin, task_end) of B * H (sequence b = task / heads, head task % heads): with k_new and
+// v_new (else null), their Tq rows are copied into the caches at positions lengths[b] - Tq .. lengths[b] - 1;
+// then query i (at position lengths[b] - Tq + i) attends, scale 1/sqrt(D), to the cache's keys and values
+// 0 .. its position, into out [B, H, Tq, D] dense. Every length must be in [Tq, cache_len]. Threads take
+// disjoint ranges of tasks.
+void decode_attention_cpu(const float* q, DecodeStrides q_strides, float* k_cache, DecodeStrides k_strides,
+                          float* v_cache, DecodeStrides v_strides, const float* k_new, DecodeStrides k_new_strides,
+                          const float* v_new, DecodeStrides v_new_strides, const int64_t* lengths, float* out,
+                          int64_t heads, int64_t queries, int64_t cache_len, int64_t head_dim, int64_t task_begin,
+                          int64_t task_end);
+// Whether the CPU runs the kernel's AVX-512 build (else its portable one).
+bool decode_attention_cpu_vectorized();
+
 }  // namespace gpt2fast
 
 #ifdef GPT2FAST_CUDA

@@ -1,4 +1,5 @@
-"""The `native` backend's attention operators (csrc/causal_attention.cu, csrc/decode_attention.cu): refusals with
+"""The `native` backend's attention operators (csrc/causal_attention.cu, csrc/decode_attention.cu and
+csrc/decode_attention_cpu.cpp): refusals with
 one log line and the reference's result, on any machine; on a GPU, the operators themselves at GPT-2's shapes
 against fp64 oracles (the log-sum-exp too, NaN in the cache past every length), opcheck, torch.compile and a
 CUDA graph.
@@ -71,7 +72,7 @@ DECODE_REFUSALS = {
     "D48": (dict(D=48), "head dim 48 (the kernel takes 16, 32, 64, 128)"),
     "grad": (dict(requires_grad=True), "inputs that require grad"),
     "float64": (dict(dtype=torch.float64), "dtype torch.float64"),
-    "cpu": (dict(device="cpu"), "tensors on cpu: gpt2fast._C has no cpu kernel of"),
+    "cpu_bf16": (dict(device="cpu", dtype=torch.bfloat16), "torch.bfloat16 on the CPU (the CPU kernel takes float32)"),
 }
 
 
@@ -116,13 +117,48 @@ def test_fake_functions_give_the_outputs_shapes():
     assert out.shape == (2, 3, 3, 64) and out.dtype == torch.bfloat16
 
 
-def test_the_operators_have_no_cpu_kernel():
-    """CPU tensors never reach them: the backend refuses those (above)."""
+def test_causal_attention_has_no_cpu_kernel():
+    """CPU tensors never reach it: the backend refuses those (above). decode_attention has one (below)."""
     q = torch.zeros(1, 1, 4, 64)
     with pytest.raises(NotImplementedError):
         operator("causal_attention_native")(q, q, q)
-    with pytest.raises(NotImplementedError):
-        operator("decode_attention_native")(q[:, :, :1], q, q, torch.tensor([4]))
+
+
+# ---- decode_attention's CPU kernel (tests/test_ops_attention.py checks it against the reference) ----
+
+
+@pytest.mark.parametrize("lengths, error", [([0, 4], "every length must be in \\[1, 8\\], got 0 for sequence 0"),
+                                            ([4, 9], "every length must be in \\[1, 8\\], got 9 for sequence 1")])
+def test_the_cpu_kernel_checks_the_lengths_it_reads(lengths, error):
+    q, cache = randn(2, 3, 1, 64, seed=1), randn(2, 3, 8, 64, seed=2)
+    with pytest.raises(RuntimeError, match=error):
+        operator("decode_attention_native")(q, cache, cache, torch.tensor(lengths))
+
+
+def test_the_cpu_kernel_refuses_other_dtypes_by_name():
+    q, cache = randn(1, 2, 1, 64, seed=3).bfloat16(), randn(1, 2, 8, 64, seed=4).bfloat16()
+    with pytest.raises(RuntimeError, match="q must be a float32 CPU tensor"):
+        operator("decode_attention_native")(q, cache, cache, torch.tensor([5]))
+    reason = ops.backends()["native"].impls["decode_attention"].supports(q, cache, cache, torch.tensor([5]))
+    assert reason == "torch.bfloat16 on the CPU (the CPU kernel takes float32)"
+
+
+@pytest.mark.parametrize("head_dim", [64, 48, 40], ids=["vectors", "vectors_odd", "portable"])
+@pytest.mark.parametrize("lengths", [[1], [300, 7, 1024]], ids=["one", "long_ragged"])
+def test_the_cpu_kernel_matches_the_reference_at_any_head_dim(head_dim, lengths):
+    """Head dims of whole AVX-512 vectors (any count up to 8) and the others (portable), appending the new token; up to the 1024 positions of GPT-2's context."""
+    B, H, S, Tq = len(lengths), 2, 1024, 1
+    q = randn(B, H, Tq, head_dim, seed=5, scale=2.0)
+    k, v = randn(B, H, S, head_dim, seed=6), randn(B, H, S, head_dim, seed=7)
+    k_new, v_new = randn(B, H, Tq, head_dim, seed=8), randn(B, H, Tq, head_dim, seed=9)
+    lengths_t = torch.tensor(lengths)
+    k_ref, v_ref = k.clone(), v.clone()
+    for b, n in enumerate(lengths):
+        k_ref[b, :, n - Tq:n], v_ref[b, :, n - Tq:n] = k_new[b], v_new[b]
+    want = naive_decode_attention(q, k_ref, v_ref, lengths_t)
+    y = operator("decode_attention_append_native")(q, k, v, lengths_t, k_new, v_new)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    assert_close(y, want)
 
 
 # ---- the operators on a GPU ----

@@ -25,10 +25,12 @@ CAUSAL_HEAD_DIMS: tuple[int, ...] = ()
 DECODE_HEAD_DIMS: tuple[int, ...] = ()
 DECODE_MAX_QUERIES = 0
 QUANTIZED_AMX = False  # whether the CPU quantized_linear's widest build here is its AMX one
+DECODE_CPU_VECTORIZED = False  # whether the CPU decode_attention runs its AVX-512 build here
 
 
 def _probe() -> Optional[str]:
-    global LAYER_NORM_MAX_WIDTH, CAUSAL_HEAD_DIMS, DECODE_HEAD_DIMS, DECODE_MAX_QUERIES, QUANTIZED_AMX
+    global LAYER_NORM_MAX_WIDTH, CAUSAL_HEAD_DIMS, DECODE_HEAD_DIMS, DECODE_MAX_QUERIES, QUANTIZED_AMX, \
+        DECODE_CPU_VECTORIZED
     try:
         from gpt2fast import _C  # loading it defines the operators
     except ImportError as e:
@@ -45,6 +47,7 @@ def _probe() -> Optional[str]:
     if hasattr(_C, "quantized_linear_isas"):  # the CPU matmul's build this CPU runs, for `gpt2fast backends`
         BACKEND.description += f"; the CPU quantized_linear runs its {_C.quantized_linear_isas()[-1]} build"
         QUANTIZED_AMX = _C.quantized_linear_isas()[-1] == "amx"
+    DECODE_CPU_VECTORIZED = getattr(_C, "decode_attention_cpu_vectorized", lambda: False)()
     return None
 
 
@@ -168,7 +171,15 @@ def _decode_attention_supports(q, k_cache, v_cache, lengths, k_new=None, v_new=N
         return f"{q.shape[2]} queries (the kernel takes 1 to {DECODE_MAX_QUERIES})"
     if q.shape[3] not in DECODE_HEAD_DIMS:
         return f"head dim {q.shape[3]} (the kernel takes {', '.join(map(str, DECODE_HEAD_DIMS))})"
-    return _refusal("decode_attention_native", q, q, k_cache, v_cache)
+    reason = _refusal("decode_attention_native", q, q, k_cache, v_cache)
+    if reason is None and q.is_cpu:
+        if q.dtype != torch.float32:
+            return f"{q.dtype} on the CPU (the CPU kernel takes float32)"
+        if not DECODE_CPU_VECTORIZED:
+            return "a CPU without AVX-512 (the CPU kernel's portable build is not measured against torch's)"
+        if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+            return "caches whose rows are not dense (the CPU kernel reads and appends in place)"
+    return reason
 
 
 def _rows_of_16_bytes(t: Tensor) -> bool:
@@ -183,8 +194,8 @@ def _rows_of_16_bytes(t: Tensor) -> bool:
 def decode_attention(q, k_cache, v_cache, lengths, k_new=None, v_new=None):
     if k_new is None:
         return torch.ops.gpt2fast.decode_attention_native(q, k_cache, v_cache, lengths)
-    if (_has_kernel("decode_attention_append_native", q.device.type) and _rows_of_16_bytes(k_cache)
-            and _rows_of_16_bytes(v_cache)):  # the kernel appends, in place
+    in_place = q.is_cpu or (_rows_of_16_bytes(k_cache) and _rows_of_16_bytes(v_cache))  # CPU: rows dense (supports)
+    if _has_kernel("decode_attention_append_native", q.device.type) and in_place:  # the kernel appends, in place
         return torch.ops.gpt2fast.decode_attention_append_native(q, k_cache, v_cache, lengths, k_new, v_new)
     reference.append_kv(k_cache, v_cache, lengths, k_new, v_new)  # an older build, or caches read through a copy
     return torch.ops.gpt2fast.decode_attention_native(q, k_cache, v_cache, lengths)
