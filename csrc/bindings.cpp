@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <iterator>
 #include <string>
 
@@ -364,6 +363,35 @@ TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) { m.impl("causal_attention_native", &causa
 
 // ---- decode_attention ----
 
+namespace {
+
+struct DecodeShape {
+  int64_t batch, heads, queries, head_dim, cache_len;
+};
+
+// The checks the CUDA and CPU bindings share: q [B, H, Tq, D] with 1 <= Tq <= S, caches [B, H, S, D], lengths
+// int32 or int64 [B] on q's device.
+DecodeShape decode_shape(const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& lengths) {
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, op, ": q and the caches must be 4-D, got ", q.sizes(), " and ",
+              k_cache.sizes());
+  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), head_dim = q.size(3);
+  const int64_t cache_len = k_cache.size(2);
+  TORCH_CHECK(k_cache.sizes() == at::IntArrayRef({batch, heads, cache_len, head_dim}) &&
+                  v_cache.sizes() == k_cache.sizes(),
+              op, ": the caches must be [B, H, S, D] = [", batch, ", ", heads, ", S, ", head_dim, "], got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(queries >= 1 && queries <= cache_len, op, ": q must hold 1 to ", cache_len, " queries, got ", queries);
+  TORCH_CHECK(lengths.device() == q.device(), op, ": lengths must be on ", q.device(), ", got ", lengths.device());
+  TORCH_CHECK(lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong, op,
+              ": lengths must be int32 or int64, got ", lengths.scalar_type());
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == batch, op, ": lengths must be [B] = [", batch, "], got ",
+              lengths.sizes());
+  return {batch, heads, queries, head_dim, cache_len};
+}
+
+}  // namespace
+
 #ifdef GPT2FAST_CUDA
 namespace {
 
@@ -375,24 +403,14 @@ at::Tensor decode(const char* op, const at::Tensor& q, const at::Tensor& k_cache
   check_cuda(op, "q", q, q);
   check_cuda(op, "k_cache", k_cache, q);
   check_cuda(op, "v_cache", v_cache, q);
-  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, op, ": q and the caches must be 4-D, got ", q.sizes(), " and ",
-              k_cache.sizes());
-  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), head_dim = q.size(3);
-  const int64_t cache_len = k_cache.size(2);
-  TORCH_CHECK(k_cache.sizes() == at::IntArrayRef({batch, heads, cache_len, head_dim}) &&
-                  v_cache.sizes() == k_cache.sizes(),
-              op, ": the caches must be [B, H, S, D] = [", batch, ", ", heads, ", S, ", head_dim, "], got ",
-              k_cache.sizes(), " and ", v_cache.sizes());
-  TORCH_CHECK(queries >= 1 && queries <= gpt2fast::decode_attention_max_queries && queries <= cache_len, op,
-              ": q must hold 1 to ", gpt2fast::decode_attention_max_queries, " queries, and no more than the cache's ",
-              cache_len, " positions, got ", queries);
+  const DecodeShape shape = decode_shape(op, q, k_cache, v_cache, lengths);
+  const int64_t batch = shape.batch, heads = shape.heads, queries = shape.queries, head_dim = shape.head_dim;
+  const int64_t cache_len = shape.cache_len;
+  TORCH_CHECK(queries <= gpt2fast::decode_attention_max_queries, op, ": q must hold 1 to ",
+              gpt2fast::decode_attention_max_queries, " queries, and no more than the cache's ", cache_len,
+              " positions, got ", queries);
   TORCH_CHECK(one_of(gpt2fast::decode_attention_head_dims, head_dim), op, ": head dim must be ",
               listed(gpt2fast::decode_attention_head_dims), ", got ", head_dim);
-  TORCH_CHECK(lengths.device() == q.device(), op, ": lengths must be on ", q.device(), ", got ", lengths.device());
-  TORCH_CHECK(lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong, op,
-              ": lengths must be int32 or int64, got ", lengths.scalar_type());
-  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == batch, op, ": lengths must be [B] = [", batch, "], got ",
-              lengths.sizes());
   TORCH_CHECK(batch * heads <= INT32_MAX, op, ": at most 2^31 - 1 batch * heads, got ", batch * heads);
   at::Tensor new_k, new_v;  // k_new and v_new with unit-stride rows, when appending
   if (k_new.has_value()) {
@@ -472,20 +490,10 @@ at::Tensor decode_cpu(const char* op, const at::Tensor& q, at::Tensor k_cache, a
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, op, ": ", name,
                 " must be a float32 CPU tensor (the CPU kernel's), got ", t->scalar_type(), " on ", t->device());
   }
-  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, op, ": q and the caches must be 4-D, got ", q.sizes(), " and ",
-              k_cache.sizes());
-  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), head_dim = q.size(3);
-  const int64_t cache_len = k_cache.size(2);
-  TORCH_CHECK(k_cache.sizes() == at::IntArrayRef({batch, heads, cache_len, head_dim}) &&
-                  v_cache.sizes() == k_cache.sizes(),
-              op, ": the caches must be [B, H, S, D] = [", batch, ", ", heads, ", S, ", head_dim, "], got ",
-              k_cache.sizes(), " and ", v_cache.sizes());
-  TORCH_CHECK(queries >= 1 && queries <= cache_len, op, ": q must hold 1 to ", cache_len, " queries, got ", queries);
+  const DecodeShape shape = decode_shape(op, q, k_cache, v_cache, lengths);
+  const int64_t batch = shape.batch, heads = shape.heads, queries = shape.queries, head_dim = shape.head_dim;
+  const int64_t cache_len = shape.cache_len;
   TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, op, ": the caches' rows must be dense (stride 1)");
-  TORCH_CHECK(lengths.device().is_cpu() && (lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong) &&
-                  lengths.dim() == 1 && lengths.size(0) == batch,
-              op, ": lengths must be int32 or int64 [", batch, "] on the CPU, got ", lengths.scalar_type(), " ",
-              lengths.sizes(), " on ", lengths.device());
   const at::Tensor lengths64 = lengths.to(at::kLong).contiguous();
   const int64_t* n = lengths64.data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b) {
@@ -639,13 +647,20 @@ gpt2fast::WeightType weight_type(at::ScalarType dtype) {
 const char* const kIsaNames[] = {"portable", "avx2", "avx512", "amx"};  // by gpt2fast::CpuIsa
 const char* const kFormNames[] = {"dot", "broadcast", "amx"};  // by gpt2fast::QuantizedForm
 
-gpt2fast::CpuIsa cpu_isa(const std::string& name) {
-  const auto best = gpt2fast::quantized_linear_cpu_best_isa();
-  for (int i = 0; i <= static_cast<int>(best); ++i) {
-    if (name == kIsaNames[i]) return static_cast<gpt2fast::CpuIsa>(i);
+// The build named `name` if this CPU runs it, else -1.
+int isa_index(const std::string& name) {
+  for (int i = 0; i <= static_cast<int>(gpt2fast::quantized_linear_cpu_best_isa()); ++i) {
+    if (name == kIsaNames[i]) return i;
   }
-  TORCH_CHECK(false, "quantized_linear: isa must be one this CPU runs (up to ", kIsaNames[static_cast<int>(best)],
-              "), got '", name, "'");
+  return -1;
+}
+
+const char* widest_isa() { return kIsaNames[static_cast<int>(gpt2fast::quantized_linear_cpu_best_isa())]; }
+
+gpt2fast::CpuIsa cpu_isa(const std::string& name) {
+  const int i = isa_index(name);
+  TORCH_CHECK(i >= 0, "quantized_linear: isa must be one this CPU runs (up to ", widest_isa(), "), got '", name, "'");
+  return static_cast<gpt2fast::CpuIsa>(i);
 }
 
 // The build a call without an isa runs: the widest this CPU runs, or GPT2FAST_CPU_ISA's where that is set (read
@@ -653,12 +668,10 @@ gpt2fast::CpuIsa cpu_isa(const std::string& name) {
 gpt2fast::CpuIsa default_isa() {
   const char* capped = std::getenv("GPT2FAST_CPU_ISA");
   if (capped == nullptr || *capped == '\0') return gpt2fast::quantized_linear_cpu_best_isa();
-  const auto best = gpt2fast::quantized_linear_cpu_best_isa();
-  for (int i = 0; i <= static_cast<int>(best); ++i) {
-    if (std::strcmp(capped, kIsaNames[i]) == 0) return static_cast<gpt2fast::CpuIsa>(i);
-  }
-  TORCH_CHECK(false, "GPT2FAST_CPU_ISA must name a build this CPU runs (up to ", kIsaNames[static_cast<int>(best)],
-              "), got '", capped, "'");
+  const int i = isa_index(capped);
+  TORCH_CHECK(i >= 0, "GPT2FAST_CPU_ISA must name a build this CPU runs (up to ", widest_isa(), "), got '", capped,
+              "'");
+  return static_cast<gpt2fast::CpuIsa>(i);
 }
 
 void quantized_linear_out_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,

@@ -45,8 +45,9 @@ def _probe() -> Optional[str]:
     _find_kernels()
     _register_python_parts()
     if hasattr(_C, "quantized_linear_isas"):  # the CPU matmul's build this CPU runs, for `gpt2fast backends`
-        BACKEND.description += f"; the CPU quantized_linear runs its {_C.quantized_linear_isas()[-1]} build"
-        QUANTIZED_AMX = _C.quantized_linear_isas()[-1] == "amx"
+        widest = _C.quantized_linear_isas()[-1]
+        BACKEND.description += f"; the CPU quantized_linear runs its {widest} build"
+        QUANTIZED_AMX = widest == "amx"
     DECODE_CPU_VECTORIZED = getattr(_C, "decode_attention_cpu_vectorized", lambda: False)()
     return None
 
