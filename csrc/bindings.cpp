@@ -645,7 +645,7 @@ gpt2fast::WeightType weight_type(at::ScalarType dtype) {
 }
 
 const char* const kIsaNames[] = {"portable", "avx2", "avx512", "amx"};  // by gpt2fast::CpuIsa
-const char* const kFormNames[] = {"dot", "broadcast", "amx"};  // by gpt2fast::QuantizedForm
+const char* const kFormNames[] = {"dot", "broadcast", "amx-int8", "amx-bf16"};  // by gpt2fast::QuantizedForm
 
 // The build named `name` if this CPU runs it, else -1.
 int isa_index(const std::string& name) {
@@ -697,12 +697,19 @@ void quantized_linear_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const at::Tensor s = scale.has_value() ? scale->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t M = x2.size(0);
-  // Many rows: the kernel reads a copy of x (transposed, or in bf16 parts), packed here a block of columns a task.
+  // Many rows: the kernel reads a copy of x (transposed, or in parts for the tiles), packed here: first what needs
+  // whole rows (the amx-int8 form's power of two per row), then a block of columns a task.
   const gpt2fast::QuantizedForm form = gpt2fast::quantized_linear_cpu_form(M, type, chosen);
   const int64_t packed_bytes = gpt2fast::quantized_linear_cpu_packed_bytes(M, K, form, chosen);
   at::Tensor packed;
   if (packed_bytes > 0) {
     packed = at::empty({packed_bytes}, x2.options().dtype(at::kByte));
+    if (form == gpt2fast::QuantizedForm::AmxInt8) {  // the only form with a pass over whole rows
+      at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+        gpt2fast::quantized_linear_cpu_pack_rows(x2.data_ptr<float>(), M, K, packed.data_ptr(), begin, end, form,
+                                                 chosen);
+      });
+    }
     at::parallel_for(0, (K + 31) / 32, 8, [&](int64_t begin, int64_t end) {  // blocks of 32 columns
       gpt2fast::quantized_linear_cpu_pack(x2.data_ptr<float>(), M, K, packed.data_ptr(), begin, end, form, chosen);
     });
@@ -827,5 +834,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
      "Which form the CPU quantized_linear kernel's build `isa` (default: the one a call runs) takes for this many rows "
      "of x and weights of this type: "
      "'dot' (dot products along the weight rows), 'broadcast' (x transposed, each weight broadcast to a vector of "
-     "rows) or 'amx' (AMX tiles, x in three bf16 parts).");
+     "rows), 'amx-int8' (AMX int8 tiles, x in four 8-bit parts) or 'amx-bf16' (AMX bf16 tiles, x in three bf16 "
+     "parts).");
 }

@@ -33,11 +33,12 @@ int64_t sample_row_cpu(const float* logits, int64_t vocab, float temperature, in
 
 enum class WeightType : int32_t { Float32 = 0, Int8 = 1, BFloat16 = 2 };
 // The builds of the kernel, by instructions: quantized_linear_cpu_best_isa() is the widest this CPU runs. Amx is
-// the AVX-512 build with Intel's AMX tile unit (bf16) for int8 and bf16 weights at many rows.
+// the AVX-512 build with Intel's AMX tile unit (int8 and bf16 tiles) for int8 and bf16 weights at many rows.
 enum class CpuIsa : int32_t { Portable = 0, Avx2 = 1, Avx512 = 2, Amx = 3 };
 // How the kernel runs, by the rows of x (see quantized_linear_cpu.cpp): dot products along the weight rows (few
-// rows), weights broadcast against x transposed (many rows), or AMX tiles against x packed in bf16 parts.
-enum class QuantizedForm : int32_t { Dot = 0, Broadcast = 1, Amx = 2 };
+// rows), weights broadcast against x transposed (many rows), AMX int8 tiles against x packed in four 8-bit parts
+// (int8 weights), or AMX bf16 tiles against x packed in three bf16 parts (bf16 weights).
+enum class QuantizedForm : int32_t { Dot = 0, Broadcast = 1, AmxInt8 = 2, AmxBf16 = 3 };
 
 QuantizedForm quantized_linear_cpu_form(int64_t M, WeightType type, CpuIsa isa);
 // The bytes of the copy of x that the form reads (0: the dot form reads x itself), written by
@@ -46,6 +47,10 @@ QuantizedForm quantized_linear_cpu_form(int64_t M, WeightType type, CpuIsa isa);
 int64_t quantized_linear_cpu_packed_bytes(int64_t M, int64_t K, QuantizedForm form, CpuIsa isa);
 void quantized_linear_cpu_pack(const float* x, int64_t M, int64_t K, void* packed, int64_t block_begin,
                                int64_t block_end, QuantizedForm form, CpuIsa isa);
+// What the form needs of whole rows of x before its blocks are packed, rows [row_begin, row_end) of M
+// (threads may take disjoint ranges): the amx-int8 form's power of two per row; nothing for the others.
+void quantized_linear_cpu_pack_rows(const float* x, int64_t M, int64_t K, void* packed, int64_t row_begin,
+                                    int64_t row_end, QuantizedForm form, CpuIsa isa);
 // y[m, n] = (x[m] . w[n]) * scale[n] + bias[n] for m < M and n_begin <= n < n_end, summed in fp32: x fp32
 // [M, K] dense; w [N, K] dense, one output channel per row, of `type`; scale and bias fp32 [N], or null
 // (1 and 0); y fp32 [M, N] dense. form = quantized_linear_cpu_form(M, type, isa), and packed the copy of x it

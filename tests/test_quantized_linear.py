@@ -76,16 +76,22 @@ def isas():
 
 
 # The kernel's own cases: few rows (its dot-product form) and many (its broadcast form, x transposed, or on AMX
-# its tile form, x packed in bf16 parts): 13 rows of width 1600 (the tile form's one group of rows, padded; K in
-# 50 chunks), 16 of width 77 (one tile of rows, a single chunk of K, the last one short), 28 of 1600 (K in
-# chunks with a short last one; 20 weight rows, not whole tiles), 64 of 300 by 97 (a block of outputs and one
-# row past it; four groups of rows, two passes), 100 of 768 (two tiles of rows, the last padded; seven groups,
-# the last pass one group).
+# its tile forms: int8 weights read in place by the int8 tiles, x in four 8-bit parts; bf16 weights staged for
+# the bf16 tiles, x in three bf16 parts): 13 rows of width 1600 (one group of rows, padded; K in whole chunks of
+# both tile forms, so int8 tiles read the weights in place), 16 of width 77 (one group, a single chunk of K, the
+# last one short: the int8 tiles read a zero-padded copy), 28 of 1600 (two groups; 20 weight rows, not whole
+# tiles: one tile in place, one copied), 64 of 300 by 97 (a block of outputs and one row past it; four groups of
+# rows), 100 of 768 (seven groups, the last padded).
 BUILD_SHAPES = [((1, 768), 2304), ((7, 77), 67), ((13, 1600), 20), ((16, 77), 100), ((28, 1600), 20),
                 ((64, 300), 97), ((100, 768), 30)]
 # The kernel also reads fp32 weights (in place, where a tile's weight rows are whole), which the op refuses.
 BUILD_WEIGHTS = {**WEIGHTS, "fp32": lambda n, k, seed: (randn(n, k, seed=seed, scale=k ** -0.5), None)}
-MANY_ROWS_FORM = {"portable": "dot", "avx2": "broadcast", "avx512": "broadcast", "amx": "amx"}
+
+
+def many_rows_form(isa, weight):
+    if isa == "amx" and weight != "fp32":
+        return "amx-int8" if weight == "int8" else "amx-bf16"
+    return {"portable": "dot", "avx2": "broadcast", "avx512": "broadcast", "amx": "broadcast"}[isa]
 
 
 @pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
@@ -93,7 +99,7 @@ MANY_ROWS_FORM = {"portable": "dot", "avx2": "broadcast", "avx512": "broadcast",
 def test_the_build_cases_take_every_form_of_every_build(weight):
     from gpt2fast import _C
     for isa in isas():
-        many = MANY_ROWS_FORM[isa] if not (isa == "amx" and weight == "fp32") else "broadcast"  # AMX: int8, bf16
+        many = many_rows_form(isa, weight)
         forms = {_C.quantized_linear_form(shape[0], isa, weight) for shape, _ in BUILD_SHAPES}
         assert forms == {"dot", many}, isa
 
@@ -120,17 +126,19 @@ def test_every_cpu_build_writes_every_output(shape, n, scheme, threads):
 
 
 @pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
+@pytest.mark.parametrize("scheme", ["int8", "bf16"])
 @pytest.mark.parametrize("rows", [3, 24], ids=["few_rows", "many_rows"])
-def test_every_cpu_build_carries_inf_and_nan_in_x_as_fp32_does(rows):
+def test_every_cpu_build_carries_inf_and_nan_in_x_as_fp32_does(rows, scheme):
     """An inf or a NaN in a row of x makes that row's outputs what fp32 math makes them (inf times a weight: an
     inf of the product's sign, NaN where the weight is 0; NaN: NaN) and leaves the other rows alone: the tile
-    form's split of x into parts must not spread them."""
+    forms' split of x into parts must not spread them."""
     x = randn(rows, 64, seed=10)
     x[1, 5], x[2, 9] = float("inf"), float("nan")
-    weight, scale = int8_weight(40, 64, 11)
-    weight[:, 5] = torch.where(torch.arange(40) % 2 == 0, 3, -3).to(torch.int8)
+    weight, scale = WEIGHTS[scheme](40, 64, 11)
+    weight[:, 5] = torch.where(torch.arange(40) % 2 == 0, 3, -3).to(weight.dtype)
     weight[0, 5] = 0
-    want = x @ (weight.float() * scale[:, None]).T
+    w = weight.float() if scale is None else weight.float() * scale[:, None]
+    want = x @ w.T
     assert want[1, 0].isnan() and want[1, 1:].isinf().all() and want[2].isnan().all()
     finite = torch.ones(rows, dtype=torch.bool)
     finite[1:3] = False
@@ -138,7 +146,33 @@ def test_every_cpu_build_carries_inf_and_nan_in_x_as_fp32_does(rows):
         out = torch.full((rows, 40), 7.0)
         torch.ops.gpt2fast.quantized_linear_out_native(x, weight, scale, None, out, isa)
         torch.testing.assert_close(out[1:3], want[1:3], equal_nan=True, msg=lambda m, isa=isa: f"{isa}: {m}")
-        assert_close(out[finite], want[finite].double(), scale=2, msg=lambda m, isa=isa: f"{isa}: {m}")
+        assert_close(out[finite], expected(x[finite], weight, scale, None), scale=2,
+                     msg=lambda m, isa=isa: f"{isa}: {m}")
+
+
+@pytest.mark.skipif(not NATIVE, reason="native backend unavailable")
+@pytest.mark.parametrize("scheme", ["int8", "bf16"])
+def test_every_cpu_build_keeps_fp32_accuracy_for_rows_of_any_magnitude(scheme):
+    """Rows of x from 1e-30 to 1e30 in size, a row of zeros, and rows whose values span 1e-4 to 1e4 (GPT-2's
+    outlier features): each output within fp32's error of fp64 math, measured against the sum of the magnitudes
+    of its products (the int8 tiles scale each row by its own power of two and cut it into 8-bit parts)."""
+    torch.manual_seed(12)
+    rows, k = 24, 256
+    x = torch.randn(rows, k)
+    magnitudes = torch.logspace(-30, 30, rows - 4)
+    x[: rows - 4] *= magnitudes[:, None]
+    x[rows - 4] = 0
+    x[rows - 3:] *= torch.logspace(-4, 4, k)[torch.randperm(k)]
+    weight, scale = WEIGHTS[scheme](40, k, 13)
+    w = weight.double() if scale is None else weight.double() * scale.double()[:, None]
+    want = x.double() @ w.T
+    bound = x.double().abs() @ w.abs().T  # sum of |x w| per output
+    for isa in isas():
+        out = torch.full((rows, 40), float("nan"))
+        torch.ops.gpt2fast.quantized_linear_out_native(x, weight, scale, None, out, isa)
+        assert torch.isfinite(out).all(), isa
+        error = (out.double() - want).abs()
+        assert (error <= 1e-6 * bound + 1e-45).all(), (isa, (error / bound.clamp_min(1e-300)).max().item())
 
 
 @pytest.mark.skipif(not NATIVE, reason="native backend unavailable")

@@ -224,9 +224,10 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
 # The CPU kernel's rows: a decode step's, or a short prompt's. It never dequantizes the weights in memory,
 # which pays up to 128 rows (at 128 it beat the reference's dequantize-then-matmul 1.1x to 3.5x on gpt2's
 # matmuls, a 2-core Xeon); past that x no longer stays in its caches, and at 256 rows of width 3072 or 1024 of
-# 768 BLAS was faster (0.4x to 0.6x). Its AMX form (CPUs with AMX) beat the reference up to 1024 rows: 1.4x,
-# 1.4x and 1.1x for 768 -> 2304, 768 -> 3072 and 3072 -> 768 at 1024 rows, 1.3x to 2.1x at 512, 0.9x to 3.8x
-# at 256.
+# 768 BLAS was faster (0.4x to 0.6x). Its AMX forms (CPUs with AMX) beat the reference up to 1024 rows: int8
+# weights (the int8 tiles) 1.22x, 1.15x and 1.12x for 768 -> 2304, 768 -> 3072 and 3072 -> 768 at 1024 rows,
+# 1.15x to 1.63x at 512, 1.28x to 2.53x at 256; bf16 weights (the bf16 tiles) 1.27x, 1.28x and 1.07x at 1024,
+# 1.30x to 1.97x at 256 (medians of 5 calls, a 2-core Xeon).
 QUANTIZED_MAX_ROWS = 128
 QUANTIZED_AMX_MAX_ROWS = 1024  # where the CPU's widest build is its AMX one (GPT2FAST_CPU_ISA aside)
 
