@@ -623,13 +623,34 @@ at::Tensor sample_cpu(const at::Tensor& logits, double temperature, int64_t top_
   return out;
 }
 
+// Greedy: the first of equal maxima per row, as argmax. The caller (gpt2fast.ops.sample) has checked that no row
+// holds NaN.
+at::Tensor greedy_cpu(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.size(1) < (int64_t{1} << 31),
+              "greedy: logits must be [B, V] with 1 <= V < 2^31, got ", logits.sizes());
+  TORCH_CHECK(logits.scalar_type() == at::kFloat, "greedy: logits must be float32, got ", logits.scalar_type());
+  const at::Tensor x = logits.contiguous();
+  const int64_t rows = x.size(0), vocab = x.size(1);
+  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
+  const float* data = x.data_ptr<float>();
+  int64_t* ids = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) ids[r] = gpt2fast::greedy_row_cpu(data + r * vocab, vocab);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
   m.def("sample_native(Tensor logits, float temperature, int top_k, float top_p, Tensor seed) -> Tensor");
+  m.def("greedy_native(Tensor logits) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(gpt2fast, CPU, m) { m.impl("sample_native", &sample_cpu); }
+TORCH_LIBRARY_IMPL(gpt2fast, CPU, m) {
+  m.impl("sample_native", &sample_cpu);
+  m.impl("greedy_native", &greedy_cpu);
+}
 
 namespace {
 
@@ -816,6 +837,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     limits["decode_attention_max_queries"] = gpt2fast::decode_attention_max_queries;
     return limits;
   }, "The kernels' limits, by their names in csrc/gpt2fast.h.");
+  m.def("greedy_cpu_vectorized", &gpt2fast::greedy_cpu_vectorized,
+        "Whether the CPU greedy kernel runs its AVX-512 build here (else a plain loop).");
   m.def("decode_attention_cpu_vectorized", &gpt2fast::decode_attention_cpu_vectorized,
         "Whether the CPU decode_attention kernel runs its AVX-512 build here (else its portable one).");
   m.def("quantized_linear_isas", [] {

@@ -29,6 +29,14 @@ inline constexpr int64_t decode_attention_max_queries = 16;
 int64_t sample_row_cpu(const float* logits, int64_t vocab, float temperature, int64_t top_k, float top_p,
                        uint64_t seed, uint64_t stream);
 
+// ---- greedy (CPU) ----
+
+// The id of the largest of logits[0 .. vocab) (1 <= vocab < 2^31), the first of equal maxima, as argmax; a NaN
+// is never the largest (callers check that rows hold none). Its AVX-512 build where the CPU runs it
+// (greedy_cpu_vectorized), else a plain loop.
+int64_t greedy_row_cpu(const float* logits, int64_t vocab);
+bool greedy_cpu_vectorized();
+
 // ---- quantized_linear (CPU): weight-only quantized matmul ----
 
 enum class WeightType : int32_t { Float32 = 0, Int8 = 1, BFloat16 = 2 };

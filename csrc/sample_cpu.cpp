@@ -11,11 +11,17 @@
 //   so a row takes at most `vocab` rounds: the loop ends for every valid input.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <limits>
 #include <vector>
 
 #include "gpt2fast.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define GPT2FAST_X86 1
+#include <immintrin.h>
+#endif
 
 namespace gpt2fast {
 namespace {
@@ -103,6 +109,78 @@ int64_t sample_row_cpu(const float* logits, int64_t vocab, float temperature, in
     pivot = j;  // above_j > 0: the next round draws from a non-empty region above j
     region = above_j;
   }
+}
+
+// ---- greedy ----
+
+namespace {
+
+int64_t greedy_row_portable(const float* x, int64_t vocab) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < vocab; ++i) {
+    if (x[i] > x[best]) best = i;
+  }
+  return best;
+}
+
+#ifdef GPT2FAST_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+// Each lane keeps its largest value and the first index it was seen at (a strict > never moves a lane to a
+// later equal value); then the largest of the lanes, and the lowest index among the lanes holding it. Two
+// sets of lanes, over alternate vectors, so that consecutive compares do not wait on each other.
+int64_t greedy_row_avx512(const float* x, int64_t vocab) {
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 best[2] = {lowest, lowest};
+  __m512i at[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+  __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  int64_t i = 0;
+  for (; i + 32 <= vocab; i += 32) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512 v = _mm512_loadu_ps(x + i + 16 * h);
+      const __mmask16 more = _mm512_cmp_ps_mask(v, best[h], _CMP_GT_OQ);
+      best[h] = _mm512_mask_mov_ps(best[h], more, v);
+      at[h] = _mm512_mask_mov_epi32(at[h], more, index);
+      index = _mm512_add_epi32(index, step);
+    }
+  }
+  for (; i < vocab; i += 16) {  // the last 0 to 31, past vocab read as -inf (never more)
+    const __mmask16 live = static_cast<__mmask16>(vocab - i >= 16 ? 0xffff : (1u << (vocab - i)) - 1);
+    const __m512 v = _mm512_mask_loadu_ps(lowest, live, x + i);
+    const __mmask16 more = _mm512_cmp_ps_mask(v, best[0], _CMP_GT_OQ);
+    best[0] = _mm512_mask_mov_ps(best[0], more, v);
+    at[0] = _mm512_mask_mov_epi32(at[0], more, index);
+    index = _mm512_add_epi32(index, step);
+  }
+  // Merge the second set into the first: per lane, the larger value, or on a tie the lower index.
+  const __mmask16 more = _mm512_cmp_ps_mask(best[1], best[0], _CMP_GT_OQ);
+  const __mmask16 tie = _mm512_cmp_ps_mask(best[1], best[0], _CMP_EQ_OQ) &
+                        _mm512_cmp_epi32_mask(at[1], at[0], _MM_CMPINT_LT);
+  best[0] = _mm512_mask_mov_ps(best[0], more, best[1]);
+  at[0] = _mm512_mask_mov_epi32(at[0], more | tie, at[1]);
+  const float top = _mm512_reduce_max_ps(best[0]);
+  const __mmask16 holders = _mm512_cmp_ps_mask(best[0], _mm512_set1_ps(top), _CMP_EQ_OQ);
+  return _mm512_mask_reduce_min_epi32(holders, at[0]);
+}
+#pragma GCC pop_options
+#endif
+
+}  // namespace
+
+bool greedy_cpu_vectorized() {
+#ifdef GPT2FAST_X86
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+int64_t greedy_row_cpu(const float* logits, int64_t vocab) {
+#ifdef GPT2FAST_X86
+  if (greedy_cpu_vectorized()) return greedy_row_avx512(logits, vocab);
+#endif
+  return greedy_row_portable(logits, vocab);
 }
 
 }  // namespace gpt2fast

@@ -1,6 +1,7 @@
 """The CUDA kernel of sample (csrc/sample.cu), as the operator gpt2fast::sample_native on CUDA tensors: ids
 inside the kept set at GPT-2's vocabulary, the same seed giving the same ids, opcheck, torch.compile and
-replay from a CUDA graph.
+replay from a CUDA graph. The CPU greedy kernel (csrc/sample_cpu.cpp, gpt2fast::greedy_native): argmax's ids
+at every width around its vectors, ties between its two sets of lanes, its checks.
 
 test_ops_sample.py runs the kernel against the exact distribution too (support, chi-square, ties, HF
 parity), through the `backend` fixture on the cuda device; tests/cuda/test_sample.cu checks it without Python.
@@ -163,3 +164,71 @@ def test_cuda_graph_replays_ops_sample_on_the_native_backend():
             logits.copy_(new)
             graph.replay()
             assert torch.equal(ids, peaks)
+
+
+# ---- greedy on the CPU ----
+
+
+def greedy_op(logits):
+    return torch.ops.gpt2fast.greedy_native(logits)
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 15, 16, 17, 31, 32, 33, 77, 1024, GPT2_VOCAB])
+@pytest.mark.parametrize("rows", [1, 64])
+def test_cpu_greedy_is_argmax_at_every_width(rows, vocab):
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab))
+    ids = greedy_op(logits)
+    assert ids.dtype == torch.int64 and torch.equal(ids, logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("places,first", [((16, 32), 16), ((32, 16), 16), ((0, 16), 0), ((17, 33, 1), 1),
+                                          ((48, 49, 47), 47), ((50256, 50240), 50240), ((3, 50256), 3)])
+def test_cpu_greedy_takes_the_first_of_equal_maxima_across_its_lanes(places, first):
+    """Vectors alternate between two sets of 16 lanes (0-15, 32-47, ... and 16-31, 48-63, ...), merged at the end:
+    the lowest index must win whichever set and lane it fell in, and the tail (past the last 32) too."""
+    logits = torch.randn(1, GPT2_VOCAB, generator=torch.Generator().manual_seed(1))
+    logits[0, list(places)] = 100.0
+    assert greedy_op(logits).tolist() == [first]
+
+
+def test_cpu_greedy_rows_of_inf_and_minus_inf_are_argmax():
+    inf = float("inf")
+    logits = torch.full((4, 40), -inf)
+    logits[1, 39] = 2.0
+    logits[2, [5, 20]] = inf
+    logits[3] = torch.linspace(-5, 5, 40)
+    assert greedy_op(logits).tolist() == logits.argmax(dim=-1).tolist() == [0, 39, 5, 39]
+
+
+def test_cpu_greedy_reads_strided_rows():
+    logits = torch.randn(8, 2 * GPT2_VOCAB, generator=torch.Generator().manual_seed(2))[:, ::2]
+    assert torch.equal(greedy_op(logits), logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("logits,match", [
+    (torch.randn(5), "logits must be \\[B, V\\]"),
+    (torch.randn(2, 0), "logits must be \\[B, V\\]"),
+    (torch.randn(2, 7, dtype=torch.float64), "logits must be float32, got Double"),
+], ids=["1d", "empty_rows", "float64"])
+def test_cpu_greedy_refuses_bad_logits_by_name(logits, match):
+    with pytest.raises(RuntimeError, match=match):
+        greedy_op(logits)
+
+
+def test_ops_sample_runs_the_cpu_greedy_kernel_for_fp32_only(monkeypatch):
+    """temperature 0 on fp32 CPU logits runs the kernel; other dtypes, torch's max (the kernel takes fp32)."""
+    calls = []
+    real = torch.ops.gpt2fast.greedy_native
+
+    class Spy:
+        def __call__(self, logits):
+            calls.append(logits.dtype)
+            return real(logits)
+
+    monkeypatch.setattr(torch.ops.gpt2fast, "greedy_native", Spy())
+    logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(3))
+    with gpt2fast.use_backend("native"):
+        fp32 = ops.sample(logits, temperature=0)
+        bf16 = ops.sample(logits.to(torch.bfloat16), temperature=0)
+    assert calls == [torch.float32]
+    assert torch.equal(fp32, logits.argmax(-1)) and torch.equal(bf16, logits.to(torch.bfloat16).argmax(-1))
