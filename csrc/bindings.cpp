@@ -282,14 +282,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_mlp_cuda(const at::Tensor& x
 }  // namespace
 #endif  // GPT2FAST_CUDA
 
+namespace {
+
+// The CPU kernel: fp32, forward only (native_backend.py sends inputs that need grad to the reference).
+at::Tensor bias_gelu_cpu(const at::Tensor& x, const at::Tensor& bias) {
+  const char* op = "bias_gelu";
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim, got a scalar");
+  const int64_t width = x.size(-1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat, op,
+              ": the CPU kernel takes float32 x and bias, got ", x.scalar_type(), " and ", bias.scalar_type());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == width, op, ": bias must be [", width, "], got ", bias.sizes());
+  TORCH_CHECK(bias.device().is_cpu(), op, ": bias must be on the CPU with x, got ", bias.device());
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  const at::Tensor x_rows = x.reshape({-1, width}), dense_bias = bias.contiguous();
+  const at::Tensor rows = x_rows.stride(1) == 1 ? x_rows : x_rows.contiguous();
+  const float* data = rows.data_ptr<float>();
+  // Whole rows a task, about 16K elements at least: a decode step's few rows stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / width);
+  at::parallel_for(0, rows.size(0), grain, [&](int64_t begin, int64_t end) {
+    gpt2fast::bias_gelu_cpu(data, rows.stride(0), dense_bias.data_ptr<float>(), y.data_ptr<float>(), width, begin,
+                            end);
+  });
+  return y;
+}
+
+}  // namespace
+
 // gpt2fast/ops/native_backend.py registers the autograd formulas: bias_gelu's calls its backward op, and
-// gelu_mlp's runs torch matmuls around that same backward op.
+// gelu_mlp's runs torch matmuls around that same backward op (CUDA; the CPU kernel is forward only).
 TORCH_LIBRARY_FRAGMENT(gpt2fast, m) {
   m.def("bias_gelu_native(Tensor x, Tensor bias) -> Tensor");
   m.def("bias_gelu_backward_native(Tensor grad_y, Tensor x, Tensor bias) -> (Tensor, Tensor)");
   m.def("gelu_mlp_native(Tensor x, Tensor w_fc, Tensor b_fc, Tensor w_proj, Tensor b_proj) "
         "-> (Tensor, Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_IMPL(gpt2fast, CPU, m) { m.impl("bias_gelu_native", &bias_gelu_cpu); }
 
 #ifdef GPT2FAST_CUDA
 TORCH_LIBRARY_IMPL(gpt2fast, CUDA, m) {
@@ -837,6 +866,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     limits["decode_attention_max_queries"] = gpt2fast::decode_attention_max_queries;
     return limits;
   }, "The kernels' limits, by their names in csrc/gpt2fast.h.");
+  m.def("bias_gelu_cpu_vectorized", &gpt2fast::bias_gelu_cpu_vectorized,
+        "Whether the CPU bias_gelu kernel runs its AVX-512 build here (else its portable one).");
   m.def("greedy_cpu_vectorized", &gpt2fast::greedy_cpu_vectorized,
         "Whether the CPU greedy kernel runs its AVX-512 build here (else a plain loop).");
   m.def("decode_attention_cpu_vectorized", &gpt2fast::decode_attention_cpu_vectorized,

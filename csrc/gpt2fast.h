@@ -37,6 +37,15 @@ int64_t sample_row_cpu(const float* logits, int64_t vocab, float temperature, in
 int64_t greedy_row_cpu(const float* logits, int64_t vocab);
 bool greedy_cpu_vectorized();
 
+// ---- bias_gelu (CPU): fp32, forward ----
+
+// y = gelu_tanh(x + bias) for rows [row_begin, row_end): x rows x_row_stride elements apart, unit-stride
+// columns; y dense [rows, width]; bias [width], or null for none. Threads take disjoint ranges of rows. Its
+// AVX-512 build where the CPU runs it (bias_gelu_cpu_vectorized), else a portable one.
+void bias_gelu_cpu(const float* x, int64_t x_row_stride, const float* bias, float* y, int64_t width,
+                   int64_t row_begin, int64_t row_end);
+bool bias_gelu_cpu_vectorized();
+
 // ---- quantized_linear (CPU): weight-only quantized matmul ----
 
 enum class WeightType : int32_t { Float32 = 0, Int8 = 1, BFloat16 = 2 };

@@ -1,9 +1,10 @@
 """The CUDA kernels of layer_norm, bias_gelu and gelu_mlp (csrc/layer_norm.cu, csrc/bias_gelu.cu), as the
-operators gpt2fast::layer_norm_native, bias_gelu_native, gelu_mlp_native and their backward operators.
+operators gpt2fast::layer_norm_native, bias_gelu_native, gelu_mlp_native and their backward operators; and
+bias_gelu's CPU kernel (csrc/bias_gelu_cpu.cpp: fp32, forward only).
 
 Without a GPU: the operators' schemas, the backend's refusals (CPU tensors, widths, dtypes, an extension
 built before these operators) and the autograd formulas' glue, with the backward operators stood in for
-by fp64 torch math. On a GPU: every output against fp64 oracles at GPT-2's shapes, each operator's checks,
+by fp64 torch math; the CPU bias_gelu against fp64. On a GPU: every output against fp64 oracles at GPT-2's shapes, each operator's checks,
 opcheck, torch.compile and replay from a CUDA graph. test_ops_layer_norm.py and test_ops_mlp.py run the
 kernels through the `backend` fixture too; tests/cuda/test_layer_norm.cu and test_bias_gelu.cu check them
 without Python.
@@ -92,9 +93,9 @@ def oracle(op, *args) -> tuple:
     return (naive_gelu_mlp(*args),)
 
 
-@pytest.mark.parametrize("op", sorted(CALLS))
+@pytest.mark.parametrize("op", ["layer_norm", "gelu_mlp"])
 def test_cpu_tensors_get_the_reference_and_one_log_line(fresh_log, caplog, op):
-    """The kernels run on CUDA tensors only: on CPU ones the backend refuses, once per reason, and the
+    """These kernels run on CUDA tensors only: on CPU ones the backend refuses, once per reason, and the
     reference runs (the operators have no CPU kernel, so a kernel call would raise)."""
     args = CALLS[op]()
     with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("native"):
@@ -409,3 +410,70 @@ def test_cuda_graph_replays_the_kernels():
     graph.replay()
     for got, want in zip(outputs, step(*static)):
         torch.testing.assert_close(got, want)
+
+
+# ---- bias_gelu's CPU kernel ----
+
+CPU_GELU = REASON is None and nb.BIAS_GELU_CPU_VECTORIZED
+needs_cpu_gelu = pytest.mark.skipif(not CPU_GELU, reason="no CPU bias_gelu kernel here (it needs AVX-512)")
+
+
+@needs_cpu_gelu
+@pytest.mark.parametrize("shape", [(1, 3072), (16, 3072), (64, 3072), (3, 77), (5, 1600), (2, 5, 17), (1, 1)],
+                         ids=str)
+def test_cpu_bias_gelu_matches_fp64(shape):
+    """GPT-2's MLP widths at a decode step's rows, and odd widths (masked tails); values to +-12, where the
+    tanh saturates and the formula's e^(-2u) overflows to inf."""
+    x = randn(*shape, seed=20, scale=4.0)
+    bias = randn(shape[-1], seed=21)
+    y = torch.ops.gpt2fast.bias_gelu_native(x, bias)
+    assert y.shape == x.shape and y.is_contiguous()
+    assert_close(y, naive_gelu_tanh(x.double() + bias.double()))
+
+
+@needs_cpu_gelu
+def test_cpu_bias_gelu_reads_strided_rows_and_columns():
+    base = randn(6, 200, seed=22)
+    bias = randn(77, seed=23)
+    for x in (base[:, :77], base[:, ::2][:, :77], base.T[:77].T):  # rows apart, columns apart, transposed
+        assert_close(torch.ops.gpt2fast.bias_gelu_native(x, bias), naive_gelu_tanh(x.double() + bias.double()))
+
+
+@needs_cpu_gelu
+def test_cpu_bias_gelu_carries_inf_and_nan_as_the_reference():
+    x = torch.tensor([[float("inf"), -float("inf"), float("nan"), -30.0, 30.0, 0.0, 1e-30, -1e-30]])
+    bias = torch.zeros(8)
+    got = torch.ops.gpt2fast.bias_gelu_native(x, bias)
+    want = torch.nn.functional.gelu(x + bias, approximate="tanh")
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@needs_cpu_gelu
+@pytest.mark.parametrize("call,match", [
+    (lambda: (torch.randn(3, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)),
+     "the CPU kernel takes float32 x and bias, got Double"),
+    (lambda: (torch.randn(3, 8), torch.randn(7)), "bias must be \\[8\\], got \\[7\\]"),
+    (lambda: (torch.tensor(1.0), torch.randn(1)), "x must have at least one dim"),
+], ids=["float64", "bias_width", "scalar"])
+def test_cpu_bias_gelu_refuses_bad_inputs_by_name(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.gpt2fast.bias_gelu_native(*call())
+
+
+@needs_cpu_gelu
+def test_cpu_bias_gelu_sends_what_it_cannot_take_to_the_reference(fresh_log, caplog):
+    """bf16 (the kernel is fp32) and inputs that need grad (it has no backward): the reference, one log line
+    per reason, with autograd; fp32 at inference: the kernel."""
+    supports = ops.backends()["native"].impls["bias_gelu"].supports
+    x, bias = randn(4, 3072, seed=24), randn(3072, seed=25)
+    assert supports(x, bias) is None
+    assert "bfloat16 on the CPU" in supports(x.bfloat16(), bias.bfloat16())
+    with caplog.at_level(logging.WARNING, logger="gpt2fast"), gpt2fast.use_backend("native"):
+        x.requires_grad_(True)
+        y = ops.bias_gelu(x, bias)
+        y.sum().backward()
+    assert x.grad is not None and y.requires_grad
+    records = fallback_records(caplog)
+    assert len(records) == 1 and "require grad" in records[0], records
+    with torch.no_grad():
+        assert_close(ops.bias_gelu(x.detach(), bias), naive_gelu_tanh(x.double() + bias.double()))

@@ -66,7 +66,8 @@ def _bias_gelu_bytes(x, bias):
 
 @suite("bias_gelu")
 def bias_gelu(s: Setting) -> list[Case]:
-    shapes = s.pick(gpu=[(8192, 3072)], cpu=[(2048, 3072)], quick=[(256, 3072)])
+    # On the CPU also a decode step's rows at batch 16 and 64 (the weight-only quantized MLP's activation).
+    shapes = s.pick(gpu=[(8192, 3072)], cpu=[(16, 3072), (64, 3072), (2048, 3072)], quick=[(256, 3072)])
     peers = {"eager": Impl(lambda x, bias: F.gelu(x + bias, approximate="tanh"))}
     return [Case("bias_gelu", f"{rows}x{width}", dict(rows=rows, width=width),
                  lambda rows=rows, width=width: (s.randn(rows, width), s.randn(width)),
@@ -194,10 +195,19 @@ def sample(s: Setting) -> list[Case]:
         generator = torch.Generator(device=s.device).manual_seed(0)
         return s.randn(batch, VOCAB, scale=4.0), 1.0, None, TOP_P, generator
 
-    return [Case("sample", f"B{batch} V{VOCAB} top-p {TOP_P}", dict(B=batch, V=VOCAB, top_p=TOP_P),
-                 lambda batch=batch: make_args(batch), _sample_bytes, "bytes",
-                 {"HF top-p": Impl(_hf_top_p_sample)})
-            for batch in batches]
+    def greedy_args(batch):
+        return s.randn(batch, VOCAB, scale=4.0), 0.0
+
+    top_p = [Case("sample", f"B{batch} V{VOCAB} top-p {TOP_P}", dict(B=batch, V=VOCAB, top_p=TOP_P),
+                  lambda batch=batch: make_args(batch), _sample_bytes, "bytes",
+                  {"HF top-p": Impl(_hf_top_p_sample)})
+             for batch in batches]
+    # Greedy (temperature 0) at a decode step's batches, with torch's max (values and indices) beside argmax.
+    greedy = [Case("sample", f"B{batch} V{VOCAB} greedy", dict(B=batch, V=VOCAB, top_p=None),
+                   lambda batch=batch: greedy_args(batch), _sample_bytes, "bytes",
+                   {"max indices": Impl(lambda logits, temperature: logits.max(dim=-1).indices)})
+              for batch in s.pick(gpu=[16, 256], cpu=[16, 64], quick=[16])]
+    return top_p + greedy
 
 
 # ---- linear_cross_entropy: the LM head and its loss, forward and backward, compute-bound ----

@@ -26,11 +26,12 @@ DECODE_HEAD_DIMS: tuple[int, ...] = ()
 DECODE_MAX_QUERIES = 0
 QUANTIZED_AMX = False  # whether the CPU quantized_linear's widest build here is its AMX one
 DECODE_CPU_VECTORIZED = False  # whether the CPU decode_attention runs its AVX-512 build here
+BIAS_GELU_CPU_VECTORIZED = False  # whether the CPU bias_gelu runs its AVX-512 build here
 
 
 def _probe() -> Optional[str]:
     global LAYER_NORM_MAX_WIDTH, CAUSAL_HEAD_DIMS, DECODE_HEAD_DIMS, DECODE_MAX_QUERIES, QUANTIZED_AMX, \
-        DECODE_CPU_VECTORIZED
+        DECODE_CPU_VECTORIZED, BIAS_GELU_CPU_VECTORIZED
     try:
         from gpt2fast import _C  # loading it defines the operators
     except ImportError as e:
@@ -49,6 +50,7 @@ def _probe() -> Optional[str]:
         BACKEND.description += f"; the CPU quantized_linear runs its {widest} build"
         QUANTIZED_AMX = widest == "amx"
     DECODE_CPU_VECTORIZED = getattr(_C, "decode_attention_cpu_vectorized", lambda: False)()
+    BIAS_GELU_CPU_VECTORIZED = getattr(_C, "bias_gelu_cpu_vectorized", lambda: False)()
     return None
 
 
@@ -141,7 +143,20 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None):
 # ---- bias_gelu and gelu_mlp ----
 
 
-@register("bias_gelu", NAME, supports=lambda x, bias: _refusal("bias_gelu_native", x))
+def _bias_gelu_supports(x, bias) -> Optional[str]:
+    if x.device.type != "cpu":
+        return _refusal("bias_gelu_native", x)
+    # The CPU kernel: fp32, forward only (the quantized MLP's activation, at inference).
+    reason = _refusal("bias_gelu_native", x, x, bias)
+    if reason is None:
+        if x.dtype != torch.float32:
+            return f"{x.dtype} on the CPU (the CPU kernel takes float32)"
+        if not BIAS_GELU_CPU_VECTORIZED:
+            return "a CPU without AVX-512 (the CPU kernel's portable build is not measured against torch's)"
+    return reason
+
+
+@register("bias_gelu", NAME, supports=_bias_gelu_supports)
 def bias_gelu(x, bias):
     return torch.ops.gpt2fast.bias_gelu_native(x, bias)
 
