@@ -490,10 +490,12 @@ CPU_ARRANGED = ("linear", "lm_head", "gelu_mlp", "decode_attention")
 
 @pytest.mark.parametrize("op", registry.OPS)
 def test_auto_on_the_cpu_runs_what_the_cpu_benchmarks_ranked(op):
-    """The C++ sampler and quantized matmul of gpt2fast._C where it is built, torch_cpu for a decode step's matmuls
-    and attention, else the reference."""
+    """The C++ sampler and quantized matmul of gpt2fast._C where it is built, and its GELU where the CPU has
+    AVX-512; torch_cpu for a decode step's matmuls and attention, else the reference."""
+    from gpt2fast.ops import native_backend
     native = ops.backends()["native"].unavailable_reason() is None
-    in_native = op in ("sample", "quantized_linear") and native
+    in_native = native and (op in ("sample", "quantized_linear")
+                            or op == "bias_gelu" and native_backend.BIAS_GELU_CPU_VECTORIZED)
     expected = "native" if in_native else "torch_cpu" if op in CPU_ARRANGED else "torch"
     with gpt2fast.use_backend("auto"):
         assert registry.resolve(op, "cpu", small_args(op), {}) is ops.backends()[expected].impls[op].fn

@@ -45,8 +45,12 @@ _NAME = re.compile(r"[a-z][a-z0-9_]*")
 # kernels are chosen by name.
 AUTO_ORDER: dict[str, list[str]] = {"cuda": [REFERENCE], "cpu": [REFERENCE]}
 AUTO_ORDER_BY_OP: dict[tuple[str, str], list[str]] = {
-    # The C++ sampler: 7.8x, 5.2x and 5.4x the reference at batch 1, 16 and 64, V = 50257, top-p 0.9.
+    # The C++ sampler: 8.5x, 7.4x and 8.0x the reference at batch 1, 16 and 64, V = 50257, top-p 0.9; greedy
+    # (its one-pass kernel) 25.7x and 17.5x at batch 16 and 64.
     ("cpu", "sample"): ["native", REFERENCE],
+    # The C++ GELU (fp32, AVX-512; the quantized MLP's): 2.7x, 4.3x and 7.0x the reference at 16, 64 and 2048 rows
+    # of 3072.
+    ("cpu", "bias_gelu"): ["native", REFERENCE],
     # PyTorch arranged for the CPU, for the inputs it takes (torch_cpu_backend.py): split-K at 4 and 8 rows and
     # oneDNN on packed weights at 16 and 64, 1.2-1.3x for linear and gelu_mlp; oneDNN for the LM head, 1.0x at one
     # row, 1.2-2.0x at 4 to 64.
@@ -57,17 +61,16 @@ AUTO_ORDER_BY_OP: dict[tuple[str, str], list[str]] = {
     # reference) for one sequence at 1024, four at 512 (ragged) and 64 at 128; torch_cpu takes the rest (other
     # dtypes, CPUs without AVX-512).
     ("cpu", "decode_attention"): ["native", "torch_cpu", REFERENCE],
-    # The C++ weight-only matmul: int8 9.8x, 6.2x and 2.7x the reference (dequantize, then matmul) at 1, 16 and 64
-    # rows (768 -> 2304), 80x for the LM head at one row; bf16 4.0x, 3.4x, 2.1x and 30x (AMX at 16 and 64 rows).
+    # The C++ weight-only matmul: int8 15.6x, 15.6x and 3.5x the reference (dequantize, then matmul) at 1, 16 and
+    # 64 rows (768 -> 2304), 98x for the LM head at one row; bf16 5.1x, 4.6x, 3.6x and 30x (AMX at 16 and 64 rows).
     ("cpu", "quantized_linear"): ["native", REFERENCE],
 }
-CPU_RECORD = "benchmarks/results/bench-cpu-intel-r-xeon-r-processor-20261206-114405.json"
 CPU_MATMUL_RECORD = "benchmarks/results/bench-cpu-intel-r-xeon-r-processor-20261206-134248.json"
-CPU_QUANTIZED_RECORD = "benchmarks/results/bench-cpu-intel-r-xeon-r-processor-20261206-175653.json"
 CPU_DECODE_RECORD = "benchmarks/results/bench-cpu-intel-r-xeon-r-processor-20261206-183959.json"
+CPU_DECODE_STEP_RECORD = "benchmarks/results/bench-cpu-intel-r-xeon-r-processor-20261206-202257.json"
 AUTO_EVIDENCE: dict[tuple[str, str], tuple[str, ...]] = {
-    key: (CPU_QUANTIZED_RECORD if key[1] == "quantized_linear" else CPU_DECODE_RECORD if key[1] == "decode_attention"
-          else CPU_MATMUL_RECORD if key[1] in ("linear", "gelu_mlp", "lm_head") else CPU_RECORD,)
+    key: ({"linear": CPU_MATMUL_RECORD, "gelu_mlp": CPU_MATMUL_RECORD, "lm_head": CPU_MATMUL_RECORD,
+           "decode_attention": CPU_DECODE_RECORD}.get(key[1], CPU_DECODE_STEP_RECORD),)
     for key in AUTO_ORDER_BY_OP}
 
 
