@@ -15,12 +15,7 @@
 
 #include "gpt2fast.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define GPT2FAST_X86 1
-#include <immintrin.h>
-// GCC 12's AVX-512 intrinsics trip its own uninitialized-use warning (GCC bug 105593).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "cpu_x86.h"
 
 namespace gpt2fast {
 namespace {

@@ -28,12 +28,7 @@
 
 #include "gpt2fast.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define GPT2FAST_X86 1
-#include <immintrin.h>
-// GCC 12's AVX-512 intrinsics trip its own uninitialized-use warning (GCC bug 105593).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "cpu_x86.h"
 
 namespace gpt2fast {
 namespace {
@@ -155,6 +150,13 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
+
+// Every tile 16 rows of 64 bytes, the one shape both AMX forms use, for this thread.
+inline void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+}
 
 inline int64_t groups(int64_t M) { return (M + kTile - 1) / kTile; }
 inline int64_t chunks(int64_t K) { return (K + kDepth - 1) / kDepth; }
@@ -305,9 +307,7 @@ inline void tile_pair(const uint16_t* a, const uint8_t* x, int64_t x_stride, int
 void run(const uint8_t* packed, int64_t M, int64_t K, const uint16_t* w, const float* scale, const float* bias,
          float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   if (n_begin >= n_end) return;
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
-  _tile_loadconfig(&config);
+  configure_tiles();
   const int64_t G = groups(M), KC = chunks(K), x_stride = G * kParts * kBlockBytes;
   // Two buffers of staged weights, 32 rows each (K = 3072: 192 KiB each): the tiles read one while the next
   // pair's weights are staged into the other.
@@ -354,7 +354,7 @@ constexpr int64_t kMinRows = 8;
 }  // namespace amx_bf16
 
 namespace amx_int8 {
-using amx_bf16::TileConfig;
+using amx_bf16::configure_tiles;
 using amx_bf16::transpose16;
 // Many rows of x against int8 weights on AMX's int8 unit: tdpbssd / tdpbsud multiply a 16 x 64 tile of int8
 // by a 64 x 16 one and add the products, exactly, to a 16 x 16 tile of int32 sums. The weights are the left
@@ -481,26 +481,20 @@ inline void write(const int32_t* const c[kParts], const int32_t* exponents, int6
   const __m512 up = _mm512_cvtepi32_ps(_mm512_mask_blend_epi32(
       _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(kNotFinite)), e, _mm512_setzero_si512()));
   const __m512 step = _mm512_set1_ps(1.f / 256.f);
-  __m512i r[16];
+  alignas(64) float sums[kTile * kTile];
   for (int i = 0; i < 16; ++i) {  // weight row i: its sums for the 16 rows of x
     __m512 t = _mm512_cvtepi32_ps(_mm512_load_si512(c[3] + i * 16));
-    for (int p = kParts - 2; p >= 0; --p) t = _mm512_fmadd_ps(t, step, _mm512_cvtepi32_ps(_mm512_load_si512(c[p] + i * 16)));
-    r[i] = _mm512_castps_si512(_mm512_scalef_ps(t, up));
+    for (int p = kParts - 2; p >= 0; --p)
+      t = _mm512_fmadd_ps(t, step, _mm512_cvtepi32_ps(_mm512_load_si512(c[p] + i * 16)));
+    _mm512_store_ps(sums + i * 16, _mm512_scalef_ps(t, up));
   }
-  transpose16(r);  // r[m]: row m of x's sums over the 16 weight rows
-  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
-  const __m512 s = scale ? _mm512_maskz_loadu_ps(mask, scale + n0) : _mm512_set1_ps(1.f);
-  const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-  for (int64_t m = 0; m < rows; ++m)
-    _mm512_mask_storeu_ps(y + (m0 + m) * N + n0, mask, _mm512_fmadd_ps(_mm512_castsi512_ps(r[m]), s, b));
+  amx_bf16::write(sums, m0, rows, n0, cols, scale, bias, y, N);  // as fp32 sums now: scale, bias, out
 }
 
 void run(const uint8_t* packed, int64_t M, int64_t K, const int8_t* w, const float* scale, const float* bias,
          float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   if (n_begin >= n_end) return;
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
-  _tile_loadconfig(&config);
+  configure_tiles();
   const int64_t G = groups(M), KC = chunks(K), x_stride = G * kParts * kBlockBytes;
   const int32_t* exponents = reinterpret_cast<const int32_t*>(packed);
   const uint8_t* blocks = packed + header_bytes(M);
