@@ -143,17 +143,20 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None):
 # ---- bias_gelu and gelu_mlp ----
 
 
+def _cpu_kernel_refusal(t: Tensor, vectorized: bool) -> Optional[str]:
+    """Why a CPU kernel, fp32 and measured in its AVX-512 build only, cannot take t (None if it can)."""
+    if t.dtype != torch.float32:
+        return f"{t.dtype} on the CPU (the CPU kernel takes float32)"
+    if not vectorized:
+        return "a CPU without AVX-512 (the CPU kernel's portable build is not measured against torch's)"
+    return None
+
+
 def _bias_gelu_supports(x, bias) -> Optional[str]:
     if x.device.type != "cpu":
         return _refusal("bias_gelu_native", x)
     # The CPU kernel: fp32, forward only (the quantized MLP's activation, at inference).
-    reason = _refusal("bias_gelu_native", x, x, bias)
-    if reason is None:
-        if x.dtype != torch.float32:
-            return f"{x.dtype} on the CPU (the CPU kernel takes float32)"
-        if not BIAS_GELU_CPU_VECTORIZED:
-            return "a CPU without AVX-512 (the CPU kernel's portable build is not measured against torch's)"
-    return reason
+    return _refusal("bias_gelu_native", x, x, bias) or _cpu_kernel_refusal(x, BIAS_GELU_CPU_VECTORIZED)
 
 
 @register("bias_gelu", NAME, supports=_bias_gelu_supports)
@@ -190,11 +193,8 @@ def _decode_attention_supports(q, k_cache, v_cache, lengths, k_new=None, v_new=N
         return f"head dim {q.shape[3]} (the kernel takes {', '.join(map(str, DECODE_HEAD_DIMS))})"
     reason = _refusal("decode_attention_native", q, q, k_cache, v_cache)
     if reason is None and q.is_cpu:
-        if q.dtype != torch.float32:
-            return f"{q.dtype} on the CPU (the CPU kernel takes float32)"
-        if not DECODE_CPU_VECTORIZED:
-            return "a CPU without AVX-512 (the CPU kernel's portable build is not measured against torch's)"
-        if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        reason = _cpu_kernel_refusal(q, DECODE_CPU_VECTORIZED)
+        if reason is None and (k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1):
             return "caches whose rows are not dense (the CPU kernel reads and appends in place)"
     return reason
 
